@@ -1,0 +1,137 @@
+"""The `lightbooth` command: parses flags and calls library functions; nothing heavy at import time."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import LightboothError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fast, personalized text-to-image generation.")
+
+
+@app.callback()
+def _root() -> None:
+    """Fast, personalized text-to-image generation."""
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (English or Chinese)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNGs; existing files are never overwritten."),
+    model: Optional[str] = typer.Option(None, help="Diffusers folder or cached hub id (default: built-in model)."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:SCALE; repeat for several."),
+    preset: Optional[str] = typer.Option(None, help="Sampling preset: base, lightning, lightning-4 (per family)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the preset's)."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale; 1 disables the unconditional pass."),
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for CFG."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler; sd: ddim, euler)."),
+    seed: int = typer.Option(0, help="Seed of the first image; image i of each prompt uses seed + i."),
+    num_images: int = typer.Option(1, "--num-images", help="Images per prompt."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
+    width: Optional[int] = typer.Option(None, help="Width in pixels (multiple of the family's factor)."),
+    height: Optional[int] = typer.Option(None, help="Height in pixels (multiple of the family's factor)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line; resumable."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: bf16 on GPU)."),
+    devices: int = typer.Option(0, help="Processes for --prompts-file (default: every GPU, else 1)."),
+):
+    """Generate images: one PNG per prompt x seed in OUT, each path printed as it is written."""
+    from .batch import generate_distributed, prompt_lines, stream_jobs, write_images
+    from .generate import Generator, check_prompts, save_dir_ready
+
+    if prompts and prompts_file:
+        _fail("give prompts on the command line or --prompts-file, not both")
+    if prompts_file is None:
+        check_prompts(prompts or [])
+    elif not any(True for _ in prompt_lines(prompts_file)):
+        _fail(f"prompts file {prompts_file} has no prompts; put one prompt per line")
+    if num_images < 1 or batch_size < 1:
+        _fail("--num-images and --batch-size must be at least 1")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        _fail(f"--dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    save_dir_ready(out)
+    load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype)
+    settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
+                           height=height, negative_prompt=negative)
+    n_dev, accel = _devices(devices, device)
+    if n_dev > 1:
+        gen = Generator.load(device="cpu", **load_kwargs)  # validate model, LoRAs and settings before spawning
+        gen.settings(**settings_kwargs)
+        del gen
+        generate_distributed(n_dev, accel, load_kwargs=load_kwargs, prompts=prompts, prompts_file=prompts_file,
+                             seed=seed, num_images=num_images, settings_kwargs=settings_kwargs, out=str(out),
+                             batch_size=batch_size)
+        return
+    gen = Generator.load(device=device, **load_kwargs)
+    s = gen.settings(**settings_kwargs)
+    source = prompt_lines(prompts_file) if prompts_file else prompts
+    total = (sum(1 for _ in prompt_lines(prompts_file)) if prompts_file else len(prompts)) * num_images
+    with _progress(total) as advance:
+        def report(path, skipped):
+            typer.echo(f"{path}" + ("  (exists, skipped)" if skipped else ""))
+            advance()
+
+        write_images(gen, stream_jobs(source, seed, num_images), s, out, batch_size, report=report)
+
+
+def _devices(devices: int, device: str | None) -> tuple[int, str]:
+    import torch
+
+    if device is not None and devices > 1:
+        _fail("--device picks one device; use --devices N alone to spread over several")
+    gpus = torch.cuda.device_count()
+    if devices == 0:
+        return (gpus, "cuda") if gpus > 1 and device is None else (1, "auto")
+    return devices, ("cuda" if gpus else "cpu")
+
+
+class _progress:
+    """A rich progress bar on stderr (stdout carries only the image paths)."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("gen", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback.
+
+    Usage errors are click's own (usage line plus message, exit 2).
+    """
+    try:
+        app(args=argv, prog_name="lightbooth")
+    except LightboothError as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The family adapter interface: the few things that differ between architectures.
+
+A family knows how to encode prompts, make per-seed noise in its latent layout, run one denoiser call with
+classifier-free guidance batched into a single forward pass, walk a sampler, and decode latents to pixels.
+Everything else (batching, seeds, LoRAs, files, CLI) is shared and never branches on the family.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+
+from ..errors import LightboothError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sampling settings a model is meant to be run with."""
+
+    steps: int  # network evaluations per image (times two with CFG, batched into one call)
+    guidance: float  # classifier-free guidance scale; 1 means no unconditional pass at all
+    sampler: str  # one of the family's `samplers`
+    shift: float | None = None  # fixed flow-matching shift replacing the model's own schedule (Lightning uses 3)
+
+
+@dataclass
+class Cond:
+    """Encoded prompts: embeddings (B, L, D) and a 0/1 mask (B, L) of the tokens that count, or None if all do."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        """Stack rows of possibly different lengths, zero-padding and masking the tail."""
+        length = max(c.embeds.shape[1] for c in conds)
+        if all(c.embeds.shape[1] == length and c.mask is None for c in conds):
+            return Cond(torch.cat([c.embeds for c in conds]))
+        embeds, masks = [], []
+        for c in conds:
+            b, n, d = c.embeds.shape
+            mask = c.mask if c.mask is not None else torch.ones(b, n, dtype=torch.long, device=c.embeds.device)
+            embeds.append(torch.cat([c.embeds, c.embeds.new_zeros(b, length - n, d)], 1))
+            masks.append(torch.cat([mask, mask.new_zeros(b, length - n)], 1))
+        mask = torch.cat(masks)
+        return Cond(torch.cat(embeds), None if bool(mask.all()) else mask)
+
+
+def guided(forward: Callable, combine: Callable, x: torch.Tensor, cond: Cond, uncond: Cond | None, scale: float):
+    """One guided prediction: conditional and unconditional halves in ONE batched forward, then `combine`.
+
+    diffusers' Qwen-Image pipeline runs two forwards per step; batching halves the kernel launches and weight
+    reads, and the joint attention mask keeps each half's result equal to its own pass.
+    """
+    if uncond is None or scale == 1.0:
+        return forward(x, cond)
+    out = forward(torch.cat([x, x]), Cond.cat([cond, uncond]))
+    c, u = out.chunk(2)
+    return combine(c, u, scale)
+
+
+class Family:
+    """Base of the family adapters; subclasses fill the class constants and the methods below."""
+
+    name: ClassVar[str]
+    pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family loads
+    component_names: ClassVar[tuple[str, ...]]  # subfolders it needs
+    denoiser_name: ClassVar[str]  # the component LoRAs and training target
+    lora_targets: ClassVar[tuple[str, ...]]  # default LoRA target module name suffixes
+    samplers: ClassVar[tuple[str, ...]]
+    presets: ClassVar[dict[str, Preset]]  # must include "base"
+
+    def __init__(self, components: dict, path: Path, device: torch.device, dtype: torch.dtype):
+        self.components, self.path, self.device, self.dtype = components, path, device, dtype
+
+    # --- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "Family":
+        quiet_libraries()
+        index = json.loads((path / "model_index.json").read_text())
+        comps = {name: load_component(path, name, index, dtype) for name in cls.component_names}
+        for name, comp in comps.items():
+            if isinstance(comp, torch.nn.Module):
+                comp.to(device).eval().requires_grad_(False)
+        return cls(comps, path, device, dtype)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.components[self.denoiser_name]
+
+    def modules_for_lora(self) -> dict[str, torch.nn.Module]:
+        """Components a LoRA file may touch, by the names LoRA keys use."""
+        return {k: v for k, v in self.components.items() if k in ("transformer", "unet", "text_encoder")}
+
+    # --- the interface -------------------------------------------------------------------------------------
+    size_factor: int  # width and height must be multiples of this
+    default_size: tuple[int, int]
+
+    def encode(self, prompts: list[str]) -> Cond:
+        raise NotImplementedError
+
+    def noise(self, seed: int, width: int, height: int) -> torch.Tensor:
+        """Initial latent noise for one image, drawn on the CPU from `seed` so it is the same on every device."""
+        raise NotImplementedError
+
+    def sample(self, x: torch.Tensor, cond: Cond, uncond: Cond | None, preset: Preset, width: int, height: int,
+               callback=None) -> torch.Tensor:
+        """Run `preset`'s sampler from noise `x` (B, ...) to clean latents, CFG batched into one forward."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+
+def load_component(path: Path, name: str, index: dict, dtype: torch.dtype):
+    """Load one component with the class model_index.json names, from safetensors only."""
+    if name not in index:
+        raise LightboothError(f"{path}/model_index.json has no '{name}' component; is this a complete diffusers folder?")
+    library, class_name = index[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    sub = path / name
+    try:
+        if name in ("tokenizer", "scheduler"):
+            return cls.from_pretrained(str(path), subfolder=name)
+        return cls.from_pretrained(str(sub), torch_dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        pickles = [p.name for p in sub.glob("*") if p.suffix in (".bin", ".pt", ".ckpt", ".pth")] if sub.is_dir() else []
+        if pickles and not any(sub.glob("*.safetensors")):
+            raise LightboothError(
+                f"{sub} holds only pickle weights ({pickles[0]}); lightbooth loads safetensors only: convert them "
+                "with a tool you trust (e.g. diffusers' save_pretrained(safe_serialization=True))") from None
+        raise LightboothError(f"could not load {name} from {sub}: {first}") from None
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers' and transformers' per-load progress bars and advisory warnings; our errors are our own."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()

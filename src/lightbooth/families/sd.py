@@ -1,0 +1,100 @@
+"""Stable Diffusion 1.x / 2.x: UNet over 4-channel VAE latents, discrete DDPM schedule, CLIP text encoder.
+
+Epsilon and v prediction are read from the model's scheduler config, as is the training noise schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling import guidance, samplers, schedules
+from .base import Cond, Family, Preset, guided
+
+
+class SDFamily(Family):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    component_names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    denoiser_name = "unet"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    samplers = ("ddim", "euler")
+    presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
+
+    def __init__(self, components, path, device, dtype):
+        super().__init__(components, path, device, dtype)
+        vae = components["vae"]
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_factor = self.vae_scale
+        self.default_size = (components["unet"].config.sample_size * self.vae_scale,) * 2
+        cfg = components["scheduler"].config
+        self.sched = dict(cfg)
+        self.prediction = cfg.get("prediction_type", "epsilon")
+        self.ac = schedules.alphas_cumprod(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.00085),
+                                           cfg.get("beta_end", 0.012), cfg.get("beta_schedule", "scaled_linear"))
+
+    def encode(self, prompts: list[str]) -> Cond:
+        tok, enc = self.components["tokenizer"], self.components["text_encoder"]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
+        with torch.inference_mode():
+            return Cond(enc(ids.input_ids.to(self.device), attention_mask=mask)[0])
+
+    def noise(self, seed: int, width: int, height: int) -> torch.Tensor:
+        c = self.components["unet"].config.in_channels
+        g = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn((1, c, height // self.vae_scale, width // self.vae_scale), generator=g, dtype=self.dtype)
+
+    def timesteps(self, steps: int):
+        return schedules.discrete_timesteps(steps, len(self.ac), self.sched.get("timestep_spacing", "leading"),
+                                            self.sched.get("steps_offset", 0))
+
+    def _unet(self, x, cond: Cond, t):
+        return self.denoiser(x.to(self.dtype), t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+    def _eps_x0(self, out, x, a):
+        """Convert the network output to (eps, x0) at cumulative alpha `a`."""
+        if self.prediction == "v_prediction":
+            return a**0.5 * out + (1 - a) ** 0.5 * x, a**0.5 * x - (1 - a) ** 0.5 * out
+        return out, (x - (1 - a) ** 0.5 * out) / a**0.5
+
+    def sample(self, x, cond, uncond, preset, width, height, callback=None):
+        ts = self.timesteps(preset.steps)
+        ac = self.ac.to(self.device)
+
+        def predict(xin, t):
+            fwd = lambda xx, c: self._unet(xx, c, t)  # noqa: E731
+            return guided(fwd, guidance.cfg, xin, cond, uncond, preset.guidance).float()
+
+        with torch.inference_mode():
+            if preset.sampler == "euler":
+                return self._euler(predict, x, ts, callback)
+            ratio = len(self.ac) // preset.steps
+            final = 1.0 if self.sched.get("set_alpha_to_one", True) else float(self.ac[0])
+            prev = [ac[t - ratio] if t - ratio >= 0 else torch.tensor(final, device=self.device) for t in ts]
+
+            def eps_x0(xt, i):
+                return self._eps_x0(predict(xt, int(ts[i])), xt, ac[int(ts[i])])
+
+            return samplers.ddim(eps_x0, x, torch.stack(prev), callback)  # DDIM starts at unit noise
+
+    def _euler(self, predict, x, ts, callback):
+        sigmas = schedules.karras_free_sigmas(self.ac, ts).to(self.device)
+        tsf = torch.from_numpy(ts.astype("float32")).to(self.device)
+        spacing = self.sched.get("timestep_spacing", "leading")
+        init = (sigmas.max() ** 2 + 1) ** 0.5 if spacing in ("leading", "trailing") else sigmas.max()
+
+        def denoised(xt, i):
+            s = sigmas[i]
+            out = predict(xt / (s**2 + 1) ** 0.5, tsf[i])
+            if self.prediction == "v_prediction":
+                return out * (-s / (s**2 + 1) ** 0.5) + xt / (s**2 + 1)
+            return xt - s * out
+
+        return samplers.euler(denoised, x * init, sigmas, callback)
+
+    def decode(self, latents, width, height):
+        vae = self.components["vae"]
+        with torch.inference_mode():
+            img = vae.decode(latents.to(self.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)

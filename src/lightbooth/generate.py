@@ -1,0 +1,188 @@
+"""Generator: load a model family with LoRAs, then turn prompts x seeds into images.
+
+Every image's noise is drawn from its own seed on the CPU, so an image depends only on (prompt, seed, settings),
+never on which batch it was made in. Prompt encodings are cached per Generator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import LightboothError
+from .families.base import Cond, Family, Preset
+from .images import attach, to_pil
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    prompt: str
+    seed: int
+    prompt_index: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved sampling settings shared by all images of one call."""
+
+    preset_name: str
+    preset: Preset
+    width: int
+    height: int
+    negative_prompt: str
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'path' or 'path:scale' -> (path, scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def expand_jobs(prompts: Sequence[str], seed: int | Sequence[int], num_images: int) -> list[Job]:
+    """Each prompt x each seed; `seed=42, num_images=4` means seeds 42, 43, 44, 45 for every prompt."""
+    if isinstance(seed, int):
+        seeds = [seed + i for i in range(num_images)]
+    else:
+        seeds = [int(s) for s in seed]
+        if num_images not in (1, len(seeds)):
+            raise LightboothError(f"{len(seeds)} seeds given for --num-images {num_images}; give one seed or one "
+                                  "per image")
+    return [Job(p, s, i) for i, p in enumerate(prompts) for s in seeds]
+
+
+class Generator:
+    """A loaded model ready to generate: `Generator.load(...)(prompts, seed=..., num_images=...)`."""
+
+    def __init__(self, family: Family, model_name: str, loras: list[dict], lora_preset: dict | None = None):
+        self.family, self.model_name, self.loras = family, model_name, loras
+        self.lora_preset = lora_preset  # a schedule a distilled LoRA asks for, used when no preset is given
+        self._cache: dict[str, Cond] = {}
+
+    @classmethod
+    def load(cls, model: str | os.PathLike | None = None, loras: Sequence = (), device=None, dtype=None):
+        """Load `model` (None: the built-in model) and fuse `loras` ('path', 'path:scale' or (path, scale))."""
+        from . import lora as lora_mod
+        from .families import family_class
+        from .models import family_of, resolve_model
+
+        path = resolve_model(model)
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        family = family_class(family_of(path)).load(path, device, dtype)
+        applied, lora_preset = [], None
+        for spec in loras:
+            p, scale = parse_lora_spec(spec) if isinstance(spec, (str, os.PathLike)) else spec
+            weights, meta = lora_mod.load_lora(str(p), family.name, family.modules_for_lora())
+            lora_mod.fuse(family.modules_for_lora(), weights, scale)
+            applied.append({"path": str(p), "scale": scale})
+            if meta.get("lightbooth_preset"):
+                lora_preset = json.loads(meta["lightbooth_preset"])
+        name = "builtin" if model is None else str(model)
+        return cls(family, name, applied, lora_preset)
+
+    # --- settings ------------------------------------------------------------------------------------------
+    def settings(self, *, preset=None, steps=None, guidance=None, sampler=None, width=None, height=None,
+                 negative_prompt=None) -> Settings:
+        """Fill unset values from the preset (the LoRA's own schedule, else the family's base) and validate."""
+        fam = self.family
+        if preset is None and self.lora_preset is not None:
+            name, base = "lora", Preset(**self.lora_preset)
+        else:
+            name = preset or "base"
+            if name not in fam.presets:
+                raise LightboothError(f"unknown preset {name!r} for {fam.name}; choose one of {', '.join(fam.presets)}")
+            base = fam.presets[name]
+        p = replace(base, **{k: v for k, v in dict(steps=steps, guidance=guidance, sampler=sampler).items()
+                             if v is not None})
+        if p.steps < 1:
+            raise LightboothError(f"steps must be at least 1 (got {p.steps})")
+        if p.sampler not in fam.samplers:
+            raise LightboothError(f"sampler {p.sampler!r} does not run {fam.name}; choose one of {', '.join(fam.samplers)}")
+        w, h = width or fam.default_size[0], height or fam.default_size[1]
+        for label, v in (("width", w), ("height", h)):
+            if v < fam.size_factor or v % fam.size_factor:
+                raise LightboothError(f"{label} {v} is not a positive multiple of {fam.size_factor}, which {fam.name} "
+                                      f"needs; use e.g. {max(fam.size_factor, v // fam.size_factor * fam.size_factor)}")
+        return Settings(name, p, w, h, negative_prompt or "")
+
+    def params(self, job: Job, s: Settings) -> dict:
+        """What goes into the PNG: enough to make the same image again."""
+        return dict(prompt=job.prompt, negative_prompt=s.negative_prompt, seed=job.seed, steps=s.preset.steps,
+                    guidance=s.preset.guidance, width=s.width, height=s.height, model=self.model_name,
+                    loras=self.loras, preset=s.preset_name, sampler=s.preset.sampler,
+                    family=self.family.name)
+
+    # --- generation ----------------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Encodings of `prompts`, one row each, each encoded alone (so batching cannot change it) and cached."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        for p in new:
+            self._cache[p] = self.family.encode([p])
+        return Cond.cat([self._cache[p] for p in prompts])
+
+    def run(self, jobs: Sequence[Job], s: Settings, callback: Callable | None = None) -> list:
+        """Make the images of `jobs` in one batch."""
+        fam = self.family
+        cond = self.encode([j.prompt for j in jobs])
+        uncond = self.encode([s.negative_prompt] * len(jobs)) if s.preset.guidance != 1.0 else None
+        x = torch.cat([fam.noise(j.seed, s.width, s.height) for j in jobs]).to(fam.device)
+        latents = fam.sample(x, cond, uncond, s.preset, s.width, s.height, callback)
+        images = to_pil(fam.decode(latents, s.width, s.height))
+        return [attach(im, self.params(j, s)) for im, j in zip(images, jobs)]
+
+    def __call__(self, prompt: str | list[str], *, negative_prompt: str | None = None, seed: int | list[int] = 0,
+                 num_images: int = 1, steps: int | None = None, guidance: float | None = None,
+                 width: int | None = None, height: int | None = None, preset: str | None = None,
+                 sampler: str | None = None, batch_size: int | None = None, progress: Callable | None = None):
+        """Generate images for every prompt x seed; returns PIL images carrying their parameters in `.info`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        check_prompts(prompts)
+        if num_images < 1:
+            raise LightboothError(f"num_images must be at least 1 (got {num_images})")
+        s = self.settings(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
+                          height=height, negative_prompt=negative_prompt)
+        jobs = expand_jobs(prompts, seed, num_images)
+        bs = batch_size or len(jobs)
+        if bs < 1:
+            raise LightboothError(f"batch size must be at least 1 (got {bs})")
+        out = []
+        for i in range(0, len(jobs), bs):
+            out += self.run(jobs[i:i + bs], s)
+            if progress:
+                progress(len(out), len(jobs))
+        return out
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    if not prompts:
+        raise LightboothError("no prompt given; pass at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise LightboothError(f"prompt {i + 1} is empty; every prompt needs some text")
+
+
+def save_dir_ready(out: Path) -> Path:
+    """Create the output folder; refuse a path that is a file."""
+    if out.exists() and not out.is_dir():
+        raise LightboothError(f"--out {out} is a file; pass a folder (new or existing) for the images")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,72 @@
+"""Noise schedules as pure functions.
+
+Each returns float32 tensors that match what diffusers' schedulers compute for the same settings, so lightbooth's
+samplers reproduce the stock pipelines; the tests hold them to that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def dynamic_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
+                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Resolution-dependent shift (SD3 paper, sec. 5.3.2): mu grows linearly with the number of image tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def flow_sigmas(steps: int, *, mu: float | None = None, shift: float = 1.0,
+                shift_terminal: float | None = None) -> torch.Tensor:
+    """Rectified-flow noise levels 1 -> 0, `steps + 1` values ending in 0.
+
+    Starts from linspace(1, 1/steps) and shifts it: with `mu`, the exponential time shift
+    exp(mu) / (exp(mu) + 1/t - 1) (Flux / Qwen-Image dynamic shifting); otherwise the fixed shift
+    s*t / (1 + (s-1)*t) (SD3 eq. 23). A fixed shift s equals mu = log(s), which is how the Qwen-Image-Lightning
+    release states its shift-3 schedule. `shift_terminal` stretches the schedule so it ends at that value.
+    """
+    t = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    if mu is not None:
+        t = (math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)).astype(np.float32)
+    else:
+        t = (shift * t / (1 + (shift - 1) * t)).astype(np.float32)
+    if shift_terminal:
+        one_minus = 1 - t
+        t = (1 - one_minus / (one_minus[-1] / (1 - shift_terminal))).astype(np.float32)
+    return torch.cat([torch.from_numpy(t).float(), torch.zeros(1)])
+
+
+def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                   beta_schedule: str = "scaled_linear") -> torch.Tensor:
+    """Cumulative signal fractions of a discrete DDPM schedule (Ho et al. 2020, eq. 4)."""
+    if beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    else:
+        raise ValueError(f"unsupported beta_schedule {beta_schedule!r} (use linear or scaled_linear)")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def discrete_timesteps(steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
+                       steps_offset: int = 0) -> np.ndarray:
+    """Integer timesteps, high to low, spaced as diffusers' `timestep_spacing` (Lin et al. 2023, table 2)."""
+    if spacing == "linspace":
+        return np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        ratio = num_train_timesteps // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        ratio = num_train_timesteps / steps
+        return np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
+    raise ValueError(f"unsupported timestep_spacing {spacing!r} (use linspace, leading or trailing)")
+
+
+def karras_free_sigmas(ac: torch.Tensor, timesteps: np.ndarray) -> torch.Tensor:
+    """Euler (Karras et al. 2022, alg. 2) noise levels sigma = sqrt((1 - a) / a) at `timesteps`, then 0."""
+    full = (((1 - ac) / ac) ** 0.5).numpy()
+    sig = np.interp(timesteps.astype(np.float32), np.arange(len(full)), full).astype(np.float32)
+    return torch.cat([torch.from_numpy(sig), torch.zeros(1)])
