@@ -80,6 +80,7 @@ class Generator:
         from . import lora as lora_mod
         from .families import family_class
         from .models import family_of, resolve_model
+        from .safeload import validate_safetensors
 
         path = resolve_model(model)
         device = torch.device(device) if device is not None else default_device()
@@ -91,8 +92,9 @@ class Generator:
         applied, lora_preset = [], None
         for spec in loras:
             p, scale = parse_lora_spec(spec) if isinstance(spec, (str, os.PathLike)) else spec
-            weights, meta = lora_mod.load_lora(str(p), family.name, family.modules_for_lora())
+            weights = lora_mod.load_lora(str(p), family.name, family.modules_for_lora())
             lora_mod.fuse(family.modules_for_lora(), weights, scale)
+            meta = validate_safetensors(p)
             applied.append({"path": str(p), "scale": scale})
             if meta.get("lightbooth_preset"):
                 lora_preset = json.loads(meta["lightbooth_preset"])

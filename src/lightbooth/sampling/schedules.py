@@ -33,7 +33,7 @@ def flow_sigmas(steps: int, *, mu: float | None = None, shift: float = 1.0,
         t = (math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)).astype(np.float32)
     else:
         t = (shift * t / (1 + (shift - 1) * t)).astype(np.float32)
-    if shift_terminal:
+    if shift_terminal and steps > 1:  # one step has nothing to stretch (diffusers divides by zero there)
         one_minus = 1 - t
         t = (1 - one_minus / (one_minus[-1] / (1 - shift_terminal))).astype(np.float32)
     return torch.cat([torch.from_numpy(t).float(), torch.zeros(1)])
@@ -52,10 +52,14 @@ def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
 
 
 def discrete_timesteps(steps: int, num_train_timesteps: int = 1000, spacing: str = "leading",
-                       steps_offset: int = 0) -> np.ndarray:
-    """Integer timesteps, high to low, spaced as diffusers' `timestep_spacing` (Lin et al. 2023, table 2)."""
+                       steps_offset: int = 0, integer: bool = True) -> np.ndarray:
+    """Timesteps, high to low, spaced as diffusers' `timestep_spacing` (Lin et al. 2023, table 2).
+
+    `integer=False` keeps linspace spacing fractional, as the Euler sampler evaluates the model between steps.
+    """
     if spacing == "linspace":
-        return np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64)
+        ts = np.linspace(0, num_train_timesteps - 1, steps)[::-1]
+        return ts.round().astype(np.int64) if integer else ts.astype(np.float32)
     if spacing == "leading":
         ratio = num_train_timesteps // steps
         return (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + steps_offset

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random models of both real architectures, written once per session as diffusers folders."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    from lightbooth.tiny import build_tiny_model
+
+    return build_tiny_model("qwen-image", tmp_path_factory.mktemp("models") / "tiny-qwen")
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    from lightbooth.tiny import build_tiny_model
+
+    return build_tiny_model("sd", tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def sd_v_dir(tmp_path_factory):
+    from lightbooth.tiny import build_tiny_model
+
+    return build_tiny_model("sd", tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def qwen_gen(qwen_dir):
+    from lightbooth import Generator
+
+    return Generator.load(qwen_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sd_gen(sd_dir):
+    from lightbooth import Generator
+
+    return Generator.load(sd_dir, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)

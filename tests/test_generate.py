@@ -1,0 +1,136 @@
+"""Generation on tiny random models of both families: equal to stock diffusers, seeded, batch-independent."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, QwenImagePipeline, StableDiffusionPipeline
+
+from lightbooth.families.base import Cond, guided
+from lightbooth.families.qwen_image import QWEN_PROMPT_TEMPLATE, template_prefix_length
+from lightbooth.generate import Generator
+from lightbooth.sampling import guidance
+from lightbooth.tiny import tiny_qwen_tokenizer
+
+PROMPTS = ["a large red circle on the left, white background", "蓝色正方形在黄色五角星的左边"]
+
+
+def arr(images):
+    return np.stack([np.asarray(i) for i in images]).astype(np.int16)
+
+
+def test_qwen_matches_stock_pipeline_with_true_cfg(qwen_gen, qwen_dir):
+    # stock diffusers runs CFG as two forwards; lightbooth batches them into one: the images must agree
+    pipe = QwenImagePipeline.from_pretrained(qwen_dir)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.prompt_template_encode_start_idx = qwen_gen.family.prefix_len
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (7, 7)]
+    ref = pipe(PROMPTS, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=6, height=64, width=64,
+               generator=gens, output_type="np").images
+    ours = arr(qwen_gen(PROMPTS, negative_prompt=" ", guidance=4.0, seed=7, steps=6, width=64, height=64))
+    assert np.abs(ours - np.round(ref * 255)).max() <= 1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("model", ["sd_dir", "sd_v_dir"])
+def test_sd_matches_stock_pipeline(model, sampler, request):
+    path = request.getfixturevalue(model)
+    gen = Generator.load(path, device="cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    if sampler == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (3, 3)]
+    ref = pipe(PROMPTS, negative_prompt=["blurry"] * 2, guidance_scale=7.5, num_inference_steps=8, height=16,
+               width=16, generator=gens, output_type="np").images
+    ours = arr(gen(PROMPTS, negative_prompt="blurry", seed=3, steps=8, sampler=sampler))
+    assert np.abs(ours - np.round(ref * 255)).max() <= 1
+
+
+def test_batched_cfg_equals_two_passes(qwen_gen):
+    fam = qwen_gen.family
+    cond, uncond = fam.encode(["a red circle on a black background"]), fam.encode([""])
+    assert cond.embeds.shape[1] != uncond.embeds.shape[1]  # different lengths: the batch needs padding + mask
+    x = fam.noise(1, 64, 64)
+    calls = []
+    fwd = lambda xx, c: calls.append(xx.shape[0]) or fam._forward(xx, c, torch.tensor(0.7), (1, 8, 8))  # noqa
+    with torch.inference_mode():
+        one = guided(fwd, guidance.cfg_norm_rescale, x, cond, uncond, 4.0)
+        two = guidance.cfg_norm_rescale(fwd(x, cond), fwd(x, uncond), 4.0)
+    assert calls == [2, 1, 1]  # one batched forward, then the reference's two
+    assert torch.allclose(one, two, atol=1e-5)
+
+
+def test_image_is_the_same_alone_or_in_any_batch(qwen_gen, sd_gen):
+    for gen, size in ((qwen_gen, 64), (sd_gen, 16)):
+        alone = arr(gen("a red circle", seed=11, steps=4, width=size, height=size))
+        batch = gen(["a blue star above a green square, black background", "a red circle", "三个"], seed=10,
+                    num_images=2, steps=4, width=size, height=size, batch_size=6)
+        match = [im for im in batch if json.loads(im.info["lightbooth"]) ["prompt"] == "a red circle"
+                 and json.loads(im.info["lightbooth"])["seed"] == 11]
+        assert len(match) == 1
+        assert np.abs(arr(match) - alone).max() <= 2
+        # and a different seed gives a different image
+        assert np.abs(arr(batch[:1]) - alone).max() > 10
+
+
+def test_seeds_and_metadata(qwen_gen):
+    images = qwen_gen(["a", "b"], seed=42, num_images=3, steps=2)
+    meta = [json.loads(im.info["lightbooth"]) for im in images]
+    assert [(m["prompt"], m["seed"]) for m in meta] == [(p, s) for p in "ab" for s in (42, 43, 44)]
+    m = meta[0]
+    for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "model", "loras",
+                "preset", "sampler"):
+        assert key in m
+    assert m["steps"] == 2 and m["preset"] == "base" and m["sampler"] == "flow_euler"
+    assert images[0].info["parameters"].startswith("a\n") and "Seed: 42" in images[0].info["parameters"]
+    explicit = qwen_gen("a", seed=[42, 44], steps=2)
+    assert np.array_equal(arr(explicit[:1]), arr(images[:1])) and np.array_equal(arr(explicit[1:]), arr(images[2:3]))
+
+
+def test_chinese_prompt_changes_the_image(qwen_gen):
+    zh = arr(qwen_gen("白色背景上，左边有一个大的红色圆形", seed=1, steps=3))
+    en = arr(qwen_gen("a large red circle on the left, white background", seed=1, steps=3))
+    assert zh.shape == en.shape and np.abs(zh - en).max() > 0
+
+
+def test_prompt_prefix_length_is_derived_from_the_tokenizer():
+    tok = tiny_qwen_tokenizer()
+    n = template_prefix_length(tok)
+    assert n == len(tok(QWEN_PROMPT_TEMPLATE.split("{}")[0])["input_ids"])
+    # a tokenizer with fewer merges splits the same prefix into more tokens: the length follows it
+    small = tiny_qwen_tokenizer(vocab_size=300)
+    assert template_prefix_length(small) > n
+
+
+def test_qwen_encoding_keeps_only_the_user_tokens(qwen_gen):
+    fam = qwen_gen.family
+    tok = fam.components["tokenizer"]
+    for prompt in ("a red circle", "红色圆形在左边"):
+        full = tok(QWEN_PROMPT_TEMPLATE.format(prompt))["input_ids"]
+        assert fam.encode([prompt]).embeds.shape[1] == len(full) - fam.prefix_len
+
+
+def test_lightning_preset_runs_one_forward_per_step_on_shift3(qwen_gen):
+    fam = qwen_gen.family
+    batches = []
+    hook = fam.denoiser.register_forward_hook(lambda m, a, kw, out: batches.append(kw["hidden_states"].shape[0]),
+                                              with_kwargs=True)
+    try:
+        qwen_gen("a red circle", seed=0, preset="lightning")
+        qwen_gen("a red circle", seed=0, preset="lightning-4")
+        qwen_gen("a red circle", seed=0, steps=3, guidance=4.0)
+    finally:
+        hook.remove()
+    assert batches == [1] * 8 + [1] * 4 + [2] * 3  # guidance 1: no unconditional pass; CFG: one batch of 2
+    s = qwen_gen.settings(preset="lightning")
+    assert (s.preset.steps, s.preset.guidance, s.preset.shift) == (8, 1.0, 3.0)
+
+
+def test_cond_cat_pads_and_masks():
+    a, b = Cond(torch.ones(1, 3, 2)), Cond(torch.ones(1, 5, 2))
+    c = Cond.cat([a, b])
+    assert c.embeds.shape == (2, 5, 2) and c.mask.tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert c.embeds[0, 3:].abs().sum() == 0
+    assert Cond.cat([b, b]).mask is None

@@ -1,0 +1,69 @@
+"""The pure schedule and guidance functions against diffusers' schedulers, which are the reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+from lightbooth.sampling import guidance, schedules
+
+
+@pytest.mark.parametrize("steps,seq", [(2, 16), (4, 64), (8, 4096), (50, 1024)])
+def test_flow_dynamic_shift_matches_qwen_scheduler(steps, seq):
+    cfg = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+               shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    ref = FlowMatchEulerDiscreteScheduler(**cfg)
+    mu = schedules.dynamic_shift_mu(seq, 256, 8192, 0.5, 0.9)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = schedules.flow_sigmas(steps, mu=mu, shift_terminal=0.02)
+    assert torch.allclose(ours, ref.sigmas, atol=1e-6), (ours, ref.sigmas)
+    assert ours[-1] == 0 and len(ours) == steps + 1
+
+
+def test_one_step_schedule_with_terminal_is_finite():
+    # diffusers' stretch divides by zero at one step (its sigmas are NaN); ours stays [1, 0]
+    assert schedules.flow_sigmas(1, mu=0.7, shift_terminal=0.02).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("steps", [4, 8])
+def test_lightning_fixed_shift_equals_its_released_scheduler_config(steps):
+    # the Qwen-Image-Lightning README states shift 3 as exponential shifting with mu = log(3)
+    ref = FlowMatchEulerDiscreteScheduler(base_shift=math.log(3), max_shift=math.log(3), shift=1.0,
+                                          shift_terminal=None, time_shift_type="exponential",
+                                          use_dynamic_shifting=True)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=math.log(3))
+    assert torch.allclose(schedules.flow_sigmas(steps, shift=3.0), ref.sigmas, atol=1e-6)
+
+
+@pytest.mark.parametrize("spacing,offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
+def test_discrete_timesteps_match_ddim(spacing, offset):
+    ref = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)
+    for steps in (1, 7, 50):
+        ref.set_timesteps(steps)
+        assert schedules.discrete_timesteps(steps, 1000, spacing, offset).tolist() == ref.timesteps.tolist()
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_euler_sigmas_match(spacing):
+    kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing=spacing,
+              steps_offset=1)
+    ref = EulerDiscreteScheduler(**kw)
+    ref.set_timesteps(20)
+    ac = schedules.alphas_cumprod(1000, 0.00085, 0.012, "scaled_linear")
+    assert torch.allclose(ac, ref.alphas_cumprod)
+    ts = schedules.discrete_timesteps(20, 1000, spacing, 1, integer=False)
+    assert np.allclose(ts, ref.timesteps.numpy())
+    assert torch.allclose(schedules.karras_free_sigmas(ac, ts), ref.sigmas, rtol=1e-5)
+
+
+def test_cfg_norm_rescale_keeps_conditional_norm():
+    torch.manual_seed(0)
+    c, u = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    out = guidance.cfg_norm_rescale(c, u, 4.0)
+    assert torch.allclose(out.norm(dim=-1), c.norm(dim=-1), atol=1e-5)
+    direction = guidance.cfg(c, u, 4.0)
+    assert torch.allclose(out / out.norm(dim=-1, keepdim=True), direction / direction.norm(dim=-1, keepdim=True),
+                          atol=1e-6)
+    assert torch.allclose(guidance.cfg(c, u, 1.0), c, atol=1e-6)
