@@ -84,6 +84,48 @@ def generate(
         write_images(gen, stream_jobs(source, seed, num_images), s, out, batch_size, report=report)
 
 
+@app.command("train-base")
+def train_base(
+    config: Optional[Path] = typer.Option(None, "--config", help="Recipe YAML (keys of BaseTrainConfig)."),
+    out: Path = typer.Option(Path("runs/base"), "--out", help="Run folder (checkpoints, logs, the model)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT and start again."),
+    steps: Optional[int] = typer.Option(None, help="Override the recipe's transformer steps."),
+):
+    """Train the built-in model from scratch on the shapes world (resumable; Ctrl-C saves a checkpoint)."""
+    from .config import load_config
+    from .training.base import BaseTrainConfig
+    from .training.base_run import train_base as run
+
+    saved = out / "config.yaml"
+    source = config if config is not None or not (resume and saved.exists()) else saved
+    cfg = load_config(BaseTrainConfig, source, {"steps": steps})
+    path = run(cfg, out, resume=resume, overwrite=overwrite)
+    typer.echo(str(path))
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Option(None, help="Model to score (default: the built-in model)."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file(s) to apply, PATH[:SCALE]."),
+    n: int = typer.Option(32, "--n", help="Prompts per scene kind and language."),
+    preset: Optional[str] = typer.Option(None, help="Sampling preset."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps."),
+    guidance: Optional[float] = typer.Option(None, help="CFG scale."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
+):
+    """Score prompt adherence on the shapes world: strict accuracy per scene kind and language."""
+    from .eval.quality import evaluate
+    from .generate import Generator
+
+    if n < 1:
+        _fail("--n must be at least 1")
+    gen = Generator.load(model, loras=tuple(lora), device=device)
+    report = evaluate(gen, n=n, preset=preset, steps=steps, guidance=guidance)
+    for line in report.lines():
+        typer.echo(line)
+
+
 def _devices(devices: int, device: str | None) -> tuple[int, str]:
     import torch
 

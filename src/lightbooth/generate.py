@@ -109,7 +109,7 @@ class Generator:
         if preset is None and self.lora_preset is not None:
             name, base = "lora", Preset(**self.lora_preset)
         else:
-            name = preset or "base"
+            name = preset or fam.default_preset
             if name not in fam.presets:
                 raise LightboothError(f"unknown preset {name!r} for {fam.name}; choose one of {', '.join(fam.presets)}")
             base = fam.presets[name]

@@ -17,6 +17,8 @@ import torch
 
 from ..errors import LightboothError
 
+MODEL_SETTINGS = "lightbooth.json"  # optional file in a model folder: {"presets": {...}, "default_preset": ...}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -51,15 +53,26 @@ class Cond:
         return Cond(torch.cat(embeds), None if bool(mask.all()) else mask)
 
 
-def guided(forward: Callable, combine: Callable, x: torch.Tensor, cond: Cond, uncond: Cond | None, scale: float):
+def cfg_batch(cond: Cond, uncond: Cond | None, scale: float) -> Cond | None:
+    """The conditioning of the batched guided forward, [cond; uncond] padded to one length; None without CFG.
+
+    Samplers build it once per run and pass it to `guided` at every step: it does not change between steps, and
+    rebuilding it (padding, mask, and the all-tokens-count check, a host sync on GPU) would repeat per step.
+    """
+    return None if uncond is None or scale == 1.0 else Cond.cat([cond, uncond])
+
+
+def guided(forward: Callable, combine: Callable, x: torch.Tensor, cond: Cond, uncond: Cond | None, scale: float,
+           both: Cond | None = None):
     """One guided prediction: conditional and unconditional halves in ONE batched forward, then `combine`.
 
     diffusers' Qwen-Image pipeline runs two forwards per step; batching halves the kernel launches and weight
-    reads, and the joint attention mask keeps each half's result equal to its own pass.
+    reads, and the joint attention mask keeps each half's result equal to its own pass. `both` is
+    `cfg_batch(cond, uncond, scale)`, built once by the caller (built here if not given).
     """
     if uncond is None or scale == 1.0:
         return forward(x, cond)
-    out = forward(torch.cat([x, x]), Cond.cat([cond, uncond]))
+    out = forward(torch.cat([x, x]), both if both is not None else Cond.cat([cond, uncond]))
     c, u = out.chunk(2)
     return combine(c, u, scale)
 
@@ -74,6 +87,7 @@ class Family:
     lora_targets: ClassVar[tuple[str, ...]]  # default LoRA target module name suffixes
     samplers: ClassVar[tuple[str, ...]]
     presets: ClassVar[dict[str, Preset]]  # must include "base"
+    default_preset: str = "base"
 
     def __init__(self, components: dict, path: Path, device: torch.device, dtype: torch.dtype):
         self.components, self.path, self.device, self.dtype = components, path, device, dtype
@@ -87,7 +101,21 @@ class Family:
         for name, comp in comps.items():
             if isinstance(comp, torch.nn.Module):
                 comp.to(device).eval().requires_grad_(False)
-        return cls(comps, path, device, dtype)
+        family = cls(comps, path, device, dtype)
+        family.apply_model_presets(path / MODEL_SETTINGS)
+        return family
+
+    def apply_model_presets(self, file: Path) -> None:
+        """A model folder may carry its own presets (lightbooth.json), e.g. the step count it was trained for."""
+        if not file.is_file():
+            return
+        try:
+            data = json.loads(file.read_text())
+            own = {name: Preset(**p) for name, p in data.get("presets", {}).items()}
+        except (ValueError, TypeError) as e:
+            raise LightboothError(f"{file} is not a valid lightbooth settings file: {e}") from None
+        self.presets = {**type(self).presets, **own}
+        self.default_preset = data.get("default_preset", self.default_preset)
 
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import LightboothError
 from ..sampling import guidance, samplers, schedules
-from .base import Cond, Family, Preset, guided
+from .base import Cond, Family, Preset, cfg_batch, guided
 
 # Qwen-Image's prompt template; the system part is encoded for context and then dropped from the embeddings.
 QWEN_PROMPT_TEMPLATE = (
@@ -30,6 +31,19 @@ def template_prefix_length(tokenizer, template: str = QWEN_PROMPT_TEMPLATE) -> i
             raise LightboothError("this tokenizer merges the prompt template's prefix with the prompt; "
                                   "lightbooth cannot tell where the prompt starts (use the model's own tokenizer)")
     return len(prefix)
+
+
+def prompt_embeds(tokenizer, text_encoder, prompts: list[str], prefix_len: int, device) -> Cond:
+    """Last-layer hidden states of the user's tokens only, one row per prompt, padded and masked.
+
+    Shared by generation and training (the caller decides on grad / inference mode).
+    """
+    batch = tokenizer([QWEN_PROMPT_TEMPLATE.format(p) for p in prompts], max_length=MAX_PROMPT_TOKENS + prefix_len,
+                      padding=True, truncation=True, return_tensors="pt").to(device)
+    hidden = text_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          output_hidden_states=True).hidden_states[-1]
+    rows = [h[m.bool()][prefix_len:] for h, m in zip(hidden, batch.attention_mask)]
+    return Cond.cat([Cond(r[None]) for r in rows])
 
 
 class QwenImageFamily(Family):
@@ -58,17 +72,12 @@ class QwenImageFamily(Family):
         z = vae.config.z_dim
         self._mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
         self._std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+        image_vae(vae)  # single-frame fast paths, see there
 
     def encode(self, prompts: list[str]) -> Cond:
-        """Hidden states of the text encoder's last layer for the user's tokens only (one row per prompt)."""
-        tok, enc = self.components["tokenizer"], self.components["text_encoder"]
-        batch = tok([QWEN_PROMPT_TEMPLATE.format(p) for p in prompts], max_length=MAX_PROMPT_TOKENS + self.prefix_len,
-                    padding=True, truncation=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            hidden = enc(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         output_hidden_states=True).hidden_states[-1]
-        rows = [h[m.bool()][self.prefix_len:] for h, m in zip(hidden, batch.attention_mask)]
-        return Cond.cat([Cond(r[None]) for r in rows])
+            return prompt_embeds(self.components["tokenizer"], self.components["text_encoder"], prompts,
+                                 self.prefix_len, self.device)
 
     def latent_hw(self, width: int, height: int) -> tuple[int, int]:
         return height // self.vae_scale, width // self.vae_scale
@@ -100,10 +109,11 @@ class QwenImageFamily(Family):
     def sample(self, x, cond, uncond, preset, width, height, callback=None):
         h, w = self.latent_hw(width, height)
         sigmas = self.schedule(preset, x.shape[1]).to(self.device)
+        both = cfg_batch(cond, uncond, preset.guidance)
 
         def velocity(xt, i):
             fwd = partial(self._forward, sigma=sigmas[i], img_shape=(1, h // 2, w // 2))
-            return guided(fwd, guidance.cfg_norm_rescale, xt, cond, uncond, preset.guidance)
+            return guided(fwd, guidance.cfg_norm_rescale, xt, cond, uncond, preset.guidance, both)
 
         with torch.inference_mode():
             return samplers.flow_euler(velocity, x, sigmas, callback)
@@ -128,3 +138,36 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = x.shape
     x = x.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, d // 4, 1, h, w)
+
+
+def image_vae(vae: torch.nn.Module) -> None:
+    """Speed up the causal video VAE for what Qwen-Image uses it on: single frames. Same sums, less work.
+
+    Each 3-D conv pads two zero frames in front of the first frame, so for an image two thirds of every 3x3x3
+    kernel multiply zeros: run the first frame as a 2-D conv with the kernel's last time slice (a third of the
+    arithmetic, faster kernels). Later frames of a video keep the module's own 3-D path. The RMS norms' channel
+    norm is taken as sqrt(sum of squares): torch's vector_norm over the channel dim of a 5-D tensor is many times
+    slower on CPU. Together: decode ~3x faster at batch 8 on CPU (tiny model).
+    """
+    for m in vae.modules():
+        kind = type(m).__name__
+        if (kind == "QwenImageCausalConv3d" and m._padding[4] == m.kernel_size[0] - 1 and m.stride[0] == 1
+                and m.dilation == (1, 1, 1) and m.groups == 1):
+            m.forward = partial(_first_frame_conv, m)
+        elif kind == "QwenImageRMS_norm":
+            m.forward = partial(_rms_norm, m)
+
+
+def _first_frame_conv(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    """QwenImageCausalConv3d.forward; a first frame (zero past) uses only the kernel's last time slice."""
+    if cache_x is not None or x.shape[2] != 1:
+        return type(conv).forward(conv, x, cache_x)
+    pad = conv._padding  # (w, w, h, h, t_front, 0)
+    return F.conv2d(x[:, :, 0], conv.weight[:, :, -1], conv.bias, conv.stride[1:], (pad[2], pad[0])).unsqueeze(2)
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """QwenImageRMS_norm.forward (F.normalize, in float32 for narrower dtypes) with the norm as sqrt(sum x^2)."""
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    length = xf.square().sum(1 if norm.channel_first else -1, keepdim=True).sqrt().clamp_min(1e-12)
+    return (xf / length).to(x.dtype) * norm.scale * norm.gamma + norm.bias

@@ -1,0 +1,1 @@
+"""Training: pure losses, Lightning modules, checkpoints; shared by base training, DreamBooth and distillation."""

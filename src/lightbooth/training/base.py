@@ -1,0 +1,253 @@
+"""Train the built-in model from scratch on the shapes world: tokenizer -> VAE -> latent cache -> flow matching.
+
+Each stage writes into the run folder and marks itself done, so `--resume` skips finished stages and continues
+the running one from its newest good checkpoint. The result is a stock diffusers QwenImagePipeline folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import save_config, write_text_atomic
+from ..data import shapes
+from ..errors import LightboothError
+from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_length
+
+
+@dataclass
+class BaseTrainConfig:
+    """Recipe of the built-in model. Defaults are the shipped recipe (about an hour on a 2-core CPU)."""
+
+    seed: int = 0  # everything (data, init, noise) derives from it
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    # tokenizer and text encoder
+    vocab_size: int = 800  # byte-level BPE learnt on the captions; the template prefix must stay 34 tokens
+    text_dim: int = 64  # Qwen2.5-VL text model width
+    text_layers: int = 2
+    # VAE (AutoencoderKLQwenImage), trained on random crops: convolutions do not care about image size
+    vae_base_dim: int = 16
+    vae_z_dim: int = 4  # latent channels
+    vae_downsamples: int = 2  # 64x64 images -> 16x16 latents
+    vae_steps: int = 3000
+    vae_batch: int = 16
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # transformer (QwenImageTransformer2DModel)
+    dim: int = 128  # heads * 32
+    layers: int = 4
+    latent_cache: int = 20000  # scenes encoded once and reused, captions re-drawn each time
+    steps: int = 6000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # empty prompt this often, so CFG has an unconditional model
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    # defaults written into the model folder (lightbooth.json)
+    default_steps: int = 20
+    default_guidance: float = 4.0
+
+
+RESUMABLE_CHANGES = {"steps", "threads", "checkpoint_every", "keep_checkpoints", "default_steps",
+                     "default_guidance"}  # may differ on --resume (e.g. train longer); everything else may not
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+def scene_rng(seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index])
+
+
+def scene_at(seed: int, index: int) -> shapes.Scene:
+    """Scene `index` of the training set: recomputed from the seed, so only latents need storing."""
+    return shapes.sample_scene(scene_rng(seed, index))
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def caption_corpus(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng([seed, 99])
+    out = []
+    for i in range(n):
+        scene = shapes.sample_scene(rng)
+        out.append(shapes.caption(scene, "en" if i % 2 else "zh", rng))
+    return out
+
+
+# --- stage 1: tokenizer ----------------------------------------------------------------------------------------
+def train_tokenizer(cfg: BaseTrainConfig, folder: Path):
+    from transformers import Qwen2Tokenizer
+
+    from ..tiny import train_byte_bpe
+
+    template = [QWEN_PROMPT_TEMPLATE.format("")] * 200  # weight the template so its words become whole tokens
+    vocab, merges = train_byte_bpe(caption_corpus(cfg.seed, 4000) + template, cfg.vocab_size,
+                                   ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    n = template_prefix_length(tok)
+    if n != 34:
+        raise LightboothError(f"the trained tokenizer splits the template prefix into {n} tokens, not 34; "
+                              "raise vocab_size so stock diffusers' hard-coded prefix length fits")
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+# --- stage 2: VAE ----------------------------------------------------------------------------------------------
+def build_vae(cfg: BaseTrainConfig):
+    from diffusers import AutoencoderKLQwenImage
+
+    z = cfg.vae_z_dim
+    return AutoencoderKLQwenImage(base_dim=cfg.vae_base_dim, z_dim=z, dim_mult=[1] + [2] * cfg.vae_downsamples,
+                                  num_res_blocks=1, temperal_downsample=[False] * cfg.vae_downsamples,
+                                  latents_mean=[0.0] * z, latents_std=[1.0] * z)
+
+
+class CropStream(torch.utils.data.IterableDataset):
+    """Endless random crops of shapes-world images, aligned to the latent grid."""
+
+    def __init__(self, seed: int, crop: int, align: int):
+        self.seed, self.crop, self.align = seed, crop, align
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, 7])
+        while True:
+            img = np.asarray(shapes.render(shapes.sample_scene(rng)), dtype=np.float32)
+            y, x = (rng.integers(0, (shapes.CANVAS - self.crop) // self.align + 1, 2) * self.align).tolist()
+            crop = torch.from_numpy(img[y:y + self.crop, x:x + self.crop]).permute(2, 0, 1)
+            yield crop / 127.5 - 1
+
+
+def latent_stats(vae, seed: int, n: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means over `n` scenes (the pipeline normalizes with them)."""
+    zs = encode_scenes(vae, seed + 1, 0, n, normalize=False)
+    return zs.mean(dim=(0, 2, 3)).tolist(), zs.std(dim=(0, 2, 3)).tolist()
+
+
+@torch.no_grad()
+def encode_scenes(vae, seed: int, start: int, n: int, normalize: bool = True, batch: int = 64) -> torch.Tensor:
+    """Posterior means (B, z, h, w) of scenes start..start+n, optionally normalized as the pipeline expects."""
+    out = []
+    for i in range(start, start + n, batch):
+        images = [shapes.render(scene_at(seed, k)) for k in range(i, min(i + batch, start + n))]
+        z = vae.encode(to_tensor(images)[:, :, None]).latent_dist.mean[:, :, 0]
+        out.append(z)
+    z = torch.cat(out)
+    if normalize:
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+        z = (z - mean) / std
+    return z
+
+
+# --- stage 3: text encoder and transformer -----------------------------------------------------------------------
+def build_text_encoder(cfg: BaseTrainConfig, tokenizer):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    n = len(tokenizer)
+    head = 16  # head dim; Qwen's multimodal RoPE splits its half (8) into (time, height, width) sections
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=cfg.text_dim, intermediate_size=cfg.text_dim * 3, num_hidden_layers=cfg.text_layers,
+                         num_attention_heads=cfg.text_dim // head, num_key_value_heads=cfg.text_dim // head,
+                         vocab_size=n, max_position_embeddings=2048, rope_theta=10000.0,
+                         rope_scaling={"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+                         bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=cfg.text_dim),
+        vocab_size=n, vision_start_token_id=n + 1, vision_end_token_id=n + 2, vision_token_id=n + 3,
+        image_token_id=n + 4, video_token_id=n + 5, tie_word_embeddings=True,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_transformer(cfg: BaseTrainConfig):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=cfg.vae_z_dim * 4, out_channels=cfg.vae_z_dim,
+                                       num_layers=cfg.layers, attention_head_dim=32, num_attention_heads=cfg.dim // 32,
+                                       joint_attention_dim=cfg.text_dim, axes_dims_rope=(8, 12, 12))
+
+
+class LatentCaptions(torch.utils.data.Dataset):
+    """Cached latents with a fresh random caption (English or Chinese, random phrasing) each time."""
+
+    def __init__(self, latents: torch.Tensor, seed: int, dropout: float):
+        self.latents, self.seed, self.dropout, self.draws = latents, seed, dropout, 0
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        self.draws += 1
+        rng = np.random.default_rng([self.seed, i, self.draws])
+        text = "" if rng.random() < self.dropout else shapes.caption(scene_at(self.seed, i), rng.choice(["en", "zh"]), rng)
+        return pack(self.latents[i:i + 1])[0], text
+
+
+def collate(items):
+    return torch.stack([x for x, _ in items]), [t for _, t in items]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10%."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
+
+
+def export_pipeline(cfg: BaseTrainConfig, run: Path, tokenizer, vae, text_encoder, transformer) -> Path:
+    """Write the trained parts as a stock diffusers QwenImagePipeline folder plus lightbooth.json."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    out = run / "model"
+    tmp = run / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    settings = {"default_preset": "base", "presets": {"base": {"steps": cfg.default_steps,
+                "guidance": cfg.default_guidance, "sampler": "flow_euler"}},
+                "trained_with": dataclasses.asdict(cfg)}
+    write_text_atomic(tmp / "lightbooth.json", json.dumps(settings, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def prepare_run(run: Path, cfg: BaseTrainConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless asked; save the resolved config."""
+    if run.exists() and any(run.iterdir()):
+        if not (resume or overwrite):
+            raise LightboothError(f"run folder {run} already exists; pass --resume to continue it or --overwrite "
+                                  "to start again")
+        if overwrite and not resume:
+            shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "config.yaml"
+    if resume and saved.exists():
+        from ..config import load_config
+
+        old = load_config(BaseTrainConfig, saved)
+        changed = [f.name for f in dataclasses.fields(cfg)
+                   if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in RESUMABLE_CHANGES]
+        if changed:
+            raise LightboothError(f"{saved} differs from the config given in '{changed[0]}'; resume with the same "
+                                  "config (or none, to reuse the saved one)")
+    save_config(cfg, saved)

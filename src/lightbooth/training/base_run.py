@@ -1,0 +1,162 @@
+"""The Lightning side of base training: two thin modules (VAE, flow matching) and the stage runner."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ..errors import LightboothError
+from ..families.qwen_image import prompt_embeds, template_prefix_length
+from ..families.qwen_vae import single_frame_convs
+from ..safeload import load_safetensors, save_safetensors_atomic
+from . import base as B
+from .checkpoints import PeriodicCheckpoint, PlainProgress, newest_valid_checkpoint
+from .losses import flow_matching_loss, flow_noisy, logit_normal_sigmas, vae_loss
+
+
+class VAEModule(L.LightningModule):
+    def __init__(self, cfg: B.BaseTrainConfig):
+        super().__init__()
+        self.cfg, self.vae = cfg, B.build_vae(cfg)
+        single_frame_convs(self.vae)  # images are one frame: exact 2D path, several times faster on CPU
+
+    def training_step(self, x, _):
+        post = self.vae.encode(x[:, :, None]).latent_dist  # (B, 3, 1, H, W): one-frame video
+        recon = self.vae.decode(post.sample()).sample[:, :, 0]
+        loss = vae_loss(recon, x, post.kl(), self.cfg.vae_kl_weight)
+        self.log("vae_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.vae_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(100, self.cfg.vae_steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class FlowModule(L.LightningModule):
+    """Flow matching on cached latents; the text encoder learns jointly with the transformer."""
+
+    def __init__(self, cfg: B.BaseTrainConfig, tokenizer, img_hw: tuple[int, int]):
+        super().__init__()
+        self.cfg, self.tokenizer, self.img_hw = cfg, tokenizer, img_hw
+        self.prefix = template_prefix_length(tokenizer)
+        self.net = torch.nn.ModuleDict({"text_encoder": B.build_text_encoder(cfg, tokenizer),
+                                        "transformer": B.build_transformer(cfg)})
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+        self.ema.requires_grad_(False)
+
+    def training_step(self, batch, _):
+        x0, texts = batch  # (B, N, 4z) packed latents, list of captions
+        noise = torch.randn_like(x0)
+        sigma = logit_normal_sigmas(x0.shape[0]).to(x0)
+        cond = prompt_embeds(self.tokenizer, self.net["text_encoder"], texts, self.prefix, x0.device)
+        v = self.net["transformer"](hidden_states=flow_noisy(x0, noise, sigma), timestep=sigma,
+                                    encoder_hidden_states=cond.embeds, encoder_hidden_states_mask=cond.mask,
+                                    img_shapes=[[(1, *self.img_hw)]] * x0.shape[0], return_dict=False)[0]
+        loss = flow_matching_loss(v, x0, noise)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, *args):
+        self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(self.cfg.warmup, self.cfg.steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+def fit(module: L.LightningModule, loader, steps: int, folder: Path, cfg: B.BaseTrainConfig, logger_name: str):
+    """Run (or continue) one stage; Ctrl-C / SIGTERM save a checkpoint and stop with exit code 130."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    ckpt = PeriodicCheckpoint(folder, cfg.checkpoint_every, cfg.keep_checkpoints)
+    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, precision="32-true", logger=TensorBoardLogger(
+        str(folder.parent / "logs"), name=logger_name), callbacks=[ckpt, PlainProgress()], enable_checkpointing=False,
+        enable_model_summary=False, log_every_n_steps=50, enable_progress_bar=sys.stderr.isatty(), num_sanity_val_steps=0, gradient_clip_val=1.0)
+    resume = newest_valid_checkpoint(folder)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "SIGTERMException":
+            where = ckpt.saved_on_exit or folder
+            print(f"interrupted: checkpoint saved in {where}; rerun with --resume to continue", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise
+    if trainer.interrupted:
+        raise SystemExit(130)
+
+
+def stage_done(run: Path, stage: str) -> bool:
+    return (run / stage / "DONE").exists()
+
+
+def mark_done(run: Path, stage: str) -> None:
+    (run / stage / "DONE").write_text("ok\n")
+
+
+def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """All stages of the built-in model; returns the exported diffusers folder."""
+    from transformers import Qwen2Tokenizer
+
+    B.prepare_run(run, cfg, resume, overwrite)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tok_dir = run / "tokenizer"
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(tok_dir)) if (tok_dir / "tokenizer.json").exists() \
+        else B.train_tokenizer(cfg, tok_dir)
+    vae = _vae_stage(cfg, run)
+    latents = _latent_stage(cfg, run, vae)
+    module = FlowModule(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
+    if not stage_done(run, "flow"):
+        loader = torch.utils.data.DataLoader(B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout),
+                                             batch_size=cfg.batch, shuffle=True, collate_fn=B.collate,
+                                             drop_last=True)
+        fit(module, loader, cfg.steps, run / "flow", cfg, "flow")
+        mark_done(run, "flow")
+    else:
+        module = _load_module(module, run / "flow")
+    ema = module.ema.module
+    return B.export_pipeline(cfg, run, tokenizer, vae, ema["text_encoder"].eval(), ema["transformer"].eval())
+
+
+def _load_module(module, folder: Path):
+    path = newest_valid_checkpoint(folder)
+    if path is None:
+        raise LightboothError(f"{folder} is marked done but has no readable checkpoint; rerun with --overwrite")
+    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    return module
+
+
+def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
+    from diffusers import AutoencoderKLQwenImage
+
+    final = run / "vae" / "final"
+    if stage_done(run, "vae"):
+        vae = AutoencoderKLQwenImage.from_pretrained(str(final), use_safetensors=True).eval()
+        single_frame_convs(vae)
+        return vae
+    module = VAEModule(cfg)
+    loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed, cfg.vae_crop, 2 ** cfg.vae_downsamples),
+                                         batch_size=cfg.vae_batch)
+    fit(module, loader, cfg.vae_steps, run / "vae", cfg, "vae")
+    vae = module.vae.eval()
+    mean, std = B.latent_stats(vae, cfg.seed)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    vae.save_pretrained(str(final), safe_serialization=True)
+    mark_done(run, "vae")
+    return vae
+
+
+def _latent_stage(cfg: B.BaseTrainConfig, run: Path, vae) -> torch.Tensor:
+    path = run / "latents.safetensors"
+    if path.exists():
+        return load_safetensors(path)[0]["latents"]
+    z = B.encode_scenes(vae, cfg.seed, 0, cfg.latent_cache)
+    save_safetensors_atomic({"latents": z.contiguous()}, path)
+    return z

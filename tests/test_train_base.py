@@ -1,0 +1,75 @@
+"""`lightbooth train-base` on a seconds-long recipe: stages, export, stock-diffusers loading, resume, refusals."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightbooth.cli import main
+from lightbooth.training.checkpoints import checkpoint_steps, newest_valid_checkpoint
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny-base.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("train") / "run"
+    assert main(["train-base", "--config", str(TINY), "--out", str(run)]) == 0
+    return run
+
+
+def test_run_folder_holds_every_stage_and_a_diffusers_model(tiny_run):
+    for part in ("config.yaml", "tokenizer/tokenizer.json", "vae/DONE", "vae/final/config.json", "flow/DONE",
+                 "latents.safetensors", "model/model_index.json", "model/lightbooth.json"):
+        assert (tiny_run / part).exists(), part
+    assert [s for s, _ in checkpoint_steps(tiny_run / "flow")] == [6, 3]  # every 3 steps, keep 2
+    settings = json.loads((tiny_run / "model" / "lightbooth.json").read_text())
+    assert settings["presets"]["base"]["steps"] == 20 and settings["default_preset"] == "base"
+
+
+def test_stock_diffusers_generates_from_the_exported_model(tiny_run):
+    from diffusers import QwenImagePipeline
+
+    from lightbooth import Generator
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_run / "model")  # stock pipeline, hard-coded prefix 34
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red circle", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=3, height=64, width=64,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    gen = Generator.load(tiny_run / "model", device="cpu")
+    assert gen.family.prefix_len == 34
+    ours = gen("a red circle", negative_prompt=" ", steps=3, seed=0)[0]
+    assert np.abs(np.asarray(ours).astype(int) - np.round(ref * 255)).max() <= 1
+    assert gen.settings().preset.steps == 20  # the model's own default from lightbooth.json
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tiny_run, capsys):
+    before = sorted(p.name for p in (tiny_run / "flow").iterdir())
+    assert main(["train-base", "--config", str(TINY), "--out", str(tiny_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (tiny_run / "flow").iterdir()) == before
+
+
+def test_resume_continues_from_the_newest_good_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train-base", "--config", str(TINY), "--out", str(run), "--steps", "3"]) == 0
+    (run / "flow" / "DONE").unlink()  # as if stopped after step 3
+    # a corrupt newest checkpoint must be skipped, never half-loaded
+    (run / "flow" / "step-00000004.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    assert newest_valid_checkpoint(run / "flow").name == "step-00000003.ckpt"
+    assert main(["train-base", "--out", str(run), "--resume", "--steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "unreadable" in err
+    state = torch.load(run / "flow" / "step-00000006.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 6
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stepz: 5\n")
+    assert main(["train-base", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "stepz" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
