@@ -1,0 +1,51 @@
+"""`lightbooth eval`'s scoring on generators with known answers: a perfect one and a blank one."""
+
+import numpy as np
+
+from lightbooth.data import shapes
+from lightbooth.eval import quality
+
+
+class RenderingGenerator:
+    """Stands in for a model that follows every prompt exactly: it renders the scene the prompt was made from."""
+
+    def __init__(self, n, blank=False):
+        self.blank = blank
+        self.scene_of = {}
+        for kind in shapes.KINDS:
+            for i, s in enumerate(quality.prompt_set(kind, n)):
+                for lang in ("en", "zh"):
+                    self.scene_of[shapes.full_caption(s, lang, template=i % shapes.N_TEMPLATES)] = s
+        rng = np.random.default_rng(0)
+        self.circles = [shapes.Scene("single", "white", (shapes.Obj("circle", c, "small", cell, *shapes.CELLS[cell]),))
+                        for c, cell in zip(list(shapes.COLORS) * 8, list(shapes.CELLS) * 8)]
+        rng.shuffle(self.circles)
+
+    def settings(self, **kw):
+        return kw
+
+    def run(self, jobs, s):
+        out = []
+        for j in jobs:
+            scene = self.circles[j.seed % len(self.circles)] if j.prompt == "a circle" else self.scene_of[j.prompt]
+            img = shapes.render(scene)
+            if self.blank:  # an empty white canvas
+                img = img.point(lambda v: 240)
+            out.append(img)
+        return out
+
+
+def test_perfect_generator_scores_full_marks():
+    rep = quality.evaluate(RenderingGenerator(6), n=6, variety_seeds=64)
+    assert set(rep.accuracy) == {f"{k}/{lang}" for k in shapes.KINDS for lang in ("en", "zh")}
+    assert all(v == 1.0 for v in rep.accuracy.values()), rep.accuracy
+    assert all(v == 1.0 for v in rep.agreement.values())
+    assert rep.variety == {"seeds": 64, "colors": 8, "cells": 9}
+    assert any("100.0%" in line for line in rep.lines())
+
+
+def test_blank_images_score_zero_and_do_not_count_as_agreeing():
+    rep = quality.evaluate(RenderingGenerator(4, blank=True), n=4, variety_seeds=8)
+    assert all(v == 0.0 for v in rep.accuracy.values())
+    assert all(v == 0.0 for v in rep.agreement.values())
+    assert rep.variety["colors"] == 0
