@@ -73,6 +73,12 @@ def tiny_clip_tokenizer(texts=_CORPUS, vocab_size: int = 400):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """A split of a head's RoPE dims over (frame, height, width), all even: (4, 6, 6) for the tests' 16."""
+    t = head_dim // 8 * 2
+    return t, (head_dim - t) // 2, (head_dim - t) // 2
+
+
 def tiny_qwen_components(seed: int = 0, hidden: int = 32, layers: int = 2) -> dict:
     """Random QwenImage transformer, Qwen VAE and Qwen2.5-VL text encoder, a few hundred thousand weights each."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
@@ -96,7 +102,7 @@ def tiny_qwen_components(seed: int = 0, hidden: int = 32, layers: int = 2) -> di
     text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
     transformer = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=hidden // 2,
-        num_attention_heads=2, joint_attention_dim=text_dim, axes_dims_rope=(4, 6, 6),
+        num_attention_heads=2, joint_attention_dim=text_dim, axes_dims_rope=rope_axes(hidden // 2),
     ).eval()
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
                                  temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
@@ -108,15 +114,20 @@ def tiny_qwen_components(seed: int = 0, hidden: int = 32, layers: int = 2) -> di
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict:
-    """Random SD 1.x-shaped UNet, VAE and CLIP text encoder (the layout of diffusers' own tiny test models)."""
+def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon", block_out_channels=(32, 64),
+                       sample_size: int = 8) -> dict:
+    """Random SD 1.x-shaped UNet, VAE and CLIP text encoder (the layout of diffusers' own tiny test models).
+
+    `block_out_channels` and `sample_size` (latent side) widen the UNet for benchmarks; the defaults are the tests'.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=tuple(block_out_channels), layers_per_block=1, sample_size=sample_size, in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     ).eval()

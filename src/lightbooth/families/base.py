@@ -7,7 +7,9 @@ Everything else (batching, seeds, LoRAs, files, CLI) is shared and never branche
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +177,20 @@ def quiet_libraries() -> None:
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+
+
+def presign_attention(model: torch.nn.Module) -> None:
+    """Give each attention processor in `model` its call signature up front.
+
+    diffusers' Attention.forward runs inspect.signature(processor.__call__) on every call to filter its kwargs:
+    5-7% of a small denoiser's forward on CPU, paid per layer per step. inspect returns a callable's
+    `__signature__` when it has one, so an instance-level `__call__` carrying the (unchanging) signature makes
+    that lookup cheap; calling the processor still goes through its class's `__call__`, so nothing else changes.
+    """
+    for m in model.modules():
+        proc = getattr(m, "processor", None)
+        if proc is None or "__call__" in getattr(proc, "__dict__", {"__call__": None}):
+            continue
+        bound = functools.partial(type(proc).__call__, proc)
+        bound.__signature__ = inspect.signature(proc.__call__)
+        proc.__call__ = bound

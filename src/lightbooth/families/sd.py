@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import guidance, samplers, schedules
-from .base import Cond, Family, Preset, guided
+from .base import Cond, Family, Preset, cfg_batch, guided, presign_attention
 
 
 class SDFamily(Family):
@@ -31,6 +31,10 @@ class SDFamily(Family):
         self.prediction = cfg.get("prediction_type", "epsilon")
         self.ac = schedules.alphas_cumprod(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.00085),
                                            cfg.get("beta_end", 0.012), cfg.get("beta_schedule", "scaled_linear"))
+        # NHWC is the layout oneDNN's (and cuDNN's) fastest convolutions use; the UNet and VAE are conv nets.
+        for name in ("unet", "vae"):
+            components[name].to(memory_format=torch.channels_last)
+        presign_attention(components["unet"])
 
     def encode(self, prompts: list[str]) -> Cond:
         tok, enc = self.components["tokenizer"], self.components["text_encoder"]
@@ -45,9 +49,9 @@ class SDFamily(Family):
         g = torch.Generator("cpu").manual_seed(seed)
         return torch.randn((1, c, height // self.vae_scale, width // self.vae_scale), generator=g, dtype=self.dtype)
 
-    def timesteps(self, steps: int):
+    def timesteps(self, steps: int, integer: bool = True):
         return schedules.discrete_timesteps(steps, len(self.ac), self.sched.get("timestep_spacing", "leading"),
-                                            self.sched.get("steps_offset", 0))
+                                            self.sched.get("steps_offset", 0), integer)
 
     def _unet(self, x, cond: Cond, t):
         return self.denoiser(x.to(self.dtype), t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
@@ -61,14 +65,15 @@ class SDFamily(Family):
     def sample(self, x, cond, uncond, preset, width, height, callback=None):
         ts = self.timesteps(preset.steps)
         ac = self.ac.to(self.device)
+        both = cfg_batch(cond, uncond, preset.guidance)
 
         def predict(xin, t):
             fwd = lambda xx, c: self._unet(xx, c, t)  # noqa: E731
-            return guided(fwd, guidance.cfg, xin, cond, uncond, preset.guidance).float()
+            return guided(fwd, guidance.cfg, xin, cond, uncond, preset.guidance, both).float()
 
         with torch.inference_mode():
             if preset.sampler == "euler":
-                return self._euler(predict, x, ts, callback)
+                return self._euler(predict, x, self.timesteps(preset.steps, integer=False), callback)
             ratio = len(self.ac) // preset.steps
             final = 1.0 if self.sched.get("set_alpha_to_one", True) else float(self.ac[0])
             prev = [ac[t - ratio] if t - ratio >= 0 else torch.tensor(final, device=self.device) for t in ts]
