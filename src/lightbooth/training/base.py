@@ -51,6 +51,8 @@ class BaseTrainConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty prompt this often, so CFG has an unconditional model
+    train_shift: float = 3.0  # flow shift on training noise levels: layout, colour and place are decided at high noise
+    sample_shift: float = 3.0  # the shipped scheduler's fixed shift, likewise spending steps at high noise
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     # defaults written into the model folder (lightbooth.json)
@@ -214,7 +216,7 @@ def export_pipeline(cfg: BaseTrainConfig, run: Path, tokenizer, vae, text_encode
     """Write the trained parts as a stock diffusers QwenImagePipeline folder plus lightbooth.json."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.sample_shift, use_dynamic_shifting=False)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
     out = run / "model"

@@ -10,11 +10,19 @@ import torch
 
 from ..errors import LightboothError
 from ..families.qwen_image import prompt_embeds, template_prefix_length
-from ..families.qwen_vae import single_frame_convs
+from ..families.qwen_vae import fast_rms_norms, single_frame_convs
 from ..safeload import load_safetensors, save_safetensors_atomic
 from . import base as B
 from .checkpoints import PeriodicCheckpoint, PlainProgress, newest_valid_checkpoint
 from .losses import flow_matching_loss, flow_noisy, logit_normal_sigmas, vae_loss
+
+
+def ema_with_warmup(decay: float):
+    """EMA whose decay ramps up as (1 + n) / (10 + n): early averages forget the random init quickly."""
+    def avg(averaged, current, n):
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return d * averaged + (1 - d) * current
+    return avg
 
 
 class VAEModule(L.LightningModule):
@@ -22,6 +30,7 @@ class VAEModule(L.LightningModule):
         super().__init__()
         self.cfg, self.vae = cfg, B.build_vae(cfg)
         single_frame_convs(self.vae)  # images are one frame: exact 2D path, several times faster on CPU
+        fast_rms_norms(self.vae)
 
     def training_step(self, x, _):
         post = self.vae.encode(x[:, :, None]).latent_dist  # (B, 3, 1, H, W): one-frame video
@@ -45,14 +54,13 @@ class FlowModule(L.LightningModule):
         self.prefix = template_prefix_length(tokenizer)
         self.net = torch.nn.ModuleDict({"text_encoder": B.build_text_encoder(cfg, tokenizer),
                                         "transformer": B.build_transformer(cfg)})
-        self.ema = torch.optim.swa_utils.AveragedModel(
-            self.net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+        self.ema = torch.optim.swa_utils.AveragedModel(self.net, avg_fn=ema_with_warmup(cfg.ema_decay))
         self.ema.requires_grad_(False)
 
     def training_step(self, batch, _):
         x0, texts = batch  # (B, N, 4z) packed latents, list of captions
         noise = torch.randn_like(x0)
-        sigma = logit_normal_sigmas(x0.shape[0]).to(x0)
+        sigma = logit_normal_sigmas(x0.shape[0], shift=self.cfg.train_shift).to(x0)
         cond = prompt_embeds(self.tokenizer, self.net["text_encoder"], texts, self.prefix, x0.device)
         v = self.net["transformer"](hidden_states=flow_noisy(x0, noise, sigma), timestep=sigma,
                                     encoder_hidden_states=cond.embeds, encoder_hidden_states_mask=cond.mask,
@@ -140,6 +148,7 @@ def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
     if stage_done(run, "vae"):
         vae = AutoencoderKLQwenImage.from_pretrained(str(final), use_safetensors=True).eval()
         single_frame_convs(vae)
+        fast_rms_norms(vae)
         return vae
     module = VAEModule(cfg)
     loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed, cfg.vae_crop, 2 ** cfg.vae_downsamples),
