@@ -1,0 +1,41 @@
+"""The built-in model ships in the package, loads offline with lightbooth and with stock diffusers."""
+
+import json
+
+import numpy as np
+import torch
+
+from lightbooth import builtin_model_path
+from lightbooth.cli import main
+from lightbooth.images import read_params
+
+
+def test_builtin_model_is_a_small_diffusers_folder():
+    path = builtin_model_path()
+    assert (path / "model_index.json").is_file()
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 25 * 1024 * 1024, size
+    assert not [f for f in path.rglob("*") if f.suffix in (".bin", ".pt", ".ckpt", ".pth")]
+
+
+def test_generate_without_model_uses_the_builtin(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["generate", "a large red circle in the center, white background", "--out", str(tmp_path),
+                 "--steps", "4"]) == 0
+    path = capsys.readouterr().out.split()[0]
+    meta = read_params(path)
+    assert meta["model"] == "builtin" and meta["width"] == 64 and meta["family"] == "qwen-image"
+
+
+def test_stock_diffusers_runs_the_builtin_model():
+    from diffusers import QwenImagePipeline
+
+    from lightbooth import Generator
+
+    pipe = QwenImagePipeline.from_pretrained(builtin_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a blue square", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=4, height=64,
+               width=64, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    ours = Generator.load(device="cpu")("a blue square", negative_prompt=" ", guidance=4.0, steps=4, seed=3)[0]
+    assert np.abs(np.asarray(ours).astype(int) - np.round(ref * 255)).max() <= 1
