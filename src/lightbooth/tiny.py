@@ -6,11 +6,11 @@ loads into, at a size that runs in milliseconds, with no download. Nothing here 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from .bpe import train_byte_bpe
 from .families.qwen_image import QWEN_PROMPT_TEMPLATE
 
 # Text the tiny tokenizers learn their merges from: the prompt template and a few bilingual captions.
@@ -23,24 +23,6 @@ _CORPUS = [
     "蓝色正方形在黄色五角星的左边",
     "黑色背景上有三个绿色三角形",
 ]
-
-
-def train_byte_bpe(texts, vocab_size: int, special_tokens: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a byte-level BPE (the scheme Qwen2 and CLIP tokenizers use) and return its vocab and merges."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(texts), trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return model["vocab"], merges
 
 
 def tiny_qwen_tokenizer(texts=_CORPUS, vocab_size: int = 500):

@@ -93,7 +93,7 @@ def caption_corpus(seed: int, n: int) -> list[str]:
 def train_tokenizer(cfg: BaseTrainConfig, folder: Path):
     from transformers import Qwen2Tokenizer
 
-    from ..tiny import train_byte_bpe
+    from ..bpe import train_byte_bpe
 
     template = [QWEN_PROMPT_TEMPLATE.format("")] * 200  # weight the template so its words become whole tokens
     vocab, merges = train_byte_bpe(caption_corpus(cfg.seed, 4000) + template, cfg.vocab_size,
