@@ -90,9 +90,13 @@ class Family:
     samplers: ClassVar[tuple[str, ...]]
     presets: ClassVar[dict[str, Preset]]  # must include "base"
     default_preset: str = "base"
+    cuda_graphs_ok: ClassVar[bool] = False  # its denoiser call has no host syncs, so it can replay as a CUDA graph
+    fp8_skip: ClassVar[tuple[str, ...]] = ()  # denoiser layers (name substrings) kept in full precision under fp8
+    compile_regional: ClassVar[bool] = False  # compile only the repeated blocks (same speed, a fraction of the wait)
 
     def __init__(self, components: dict, path: Path, device: torch.device, dtype: torch.dtype):
         self.components, self.path, self.device, self.dtype = components, path, device, dtype
+        self.graphed = None  # GraphedFunction over `denoise` once use_fast_paths(cuda_graphs=True) ran on CUDA
 
     # --- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -126,6 +130,36 @@ class Family:
     def modules_for_lora(self) -> dict[str, torch.nn.Module]:
         """Components a LoRA file may touch, by the names LoRA keys use."""
         return {k: v for k, v in self.components.items() if k in ("transformer", "unet", "text_encoder")}
+
+    def use_fast_paths(self, *, cuda_graphs: bool = False, fuse_projections: bool = False, compile: bool = False,
+                       fp8: bool = False) -> None:
+        """Trade stock numerics for speed, after any LoRA is fused (each changes the denoiser in place).
+
+        - fp8: the denoiser's linear layers in e4m3 with per-row scales (accel/fp8.py; about half the memory);
+        - fuse_projections: one matrix product for Q, K and V (diffusers' fuse_qkv_projections);
+        - compile: torch.compile the denoiser (slow first call);
+        - cuda_graphs: replay each denoiser call from a CUDA graph, for families whose call allows it (CUDA only).
+        Off CUDA only fp8 and fuse_projections change anything.
+        """
+        from ..accel.fp8 import to_fp8
+        from ..accel.graphs import GraphedFunction
+
+        den = self.denoiser
+        if fp8:
+            to_fp8(den, skip=self.fp8_skip)
+        if fuse_projections and hasattr(den, "fuse_qkv_projections"):
+            den.fuse_qkv_projections()
+            presign_attention(den)
+        if compile and self.compile_regional:
+            den.compile_repeated_blocks()
+        elif compile:
+            self.components[self.denoiser_name] = torch.compile(den)
+        if cuda_graphs and self.cuda_graphs_ok and self.device.type == "cuda":
+            self.graphed = GraphedFunction(self.denoise)
+
+    def denoise(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """The bare denoiser call on tensors only (what a CUDA graph records); families with graphs define it."""
+        raise NotImplementedError
 
     # --- the interface -------------------------------------------------------------------------------------
     size_factor: int  # width and height must be multiples of this

@@ -19,6 +19,7 @@ class SDFamily(Family):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     samplers = ("ddim", "euler")
     presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
+    cuda_graphs_ok = True
 
     def __init__(self, components, path, device, dtype):
         super().__init__(components, path, device, dtype)
@@ -53,8 +54,13 @@ class SDFamily(Family):
         return schedules.discrete_timesteps(steps, len(self.ac), self.sched.get("timestep_spacing", "leading"),
                                             self.sched.get("steps_offset", 0), integer)
 
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
     def _unet(self, x, cond: Cond, t):
-        return self.denoiser(x.to(self.dtype), t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+        if self.graphed is not None:
+            return self.graphed(x.to(self.dtype), torch.as_tensor(t, device=self.device), cond.embeds)
+        return self.denoise(x.to(self.dtype), t, cond.embeds)
 
     def _eps_x0(self, out, x, a):
         """Convert the network output to (eps, x0) at cumulative alpha `a`."""

@@ -1,0 +1,1 @@
+"""Fast paths that trade stock numerics for speed or memory: fp8 linear layers, CUDA graphs."""

@@ -1,0 +1,129 @@
+"""fp8 layers and CUDA-graph wrappers compute what the plain modules compute (within fp8's stated error)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from lightbooth.accel.fp8 import E4M3_MAX, Fp8Linear, dequantize, quantize_rowwise, to_fp8
+from lightbooth.accel.graphs import GraphedFunction, GraphedTrainStep
+from lightbooth.generate import Generator
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_rowwise_quantization_is_within_e4m3_rounding_and_uses_the_full_range():
+    x = torch.randn(64, 256) * torch.logspace(-3, 3, 64)[:, None]  # rows of very different scales
+    q, scale = quantize_rowwise(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    assert torch.allclose(q.float().abs().amax(-1), torch.full((64,), E4M3_MAX))
+    back = q.float() * scale
+    assert ((back - x).abs() <= x.abs() * 2**-4 + scale * 2**-9).all()  # half an ulp of 3 mantissa bits
+    assert rel(back, x) < 0.03
+
+
+@pytest.mark.parametrize("mode", ["fp8", "dequant"])
+def test_fp8_linear_matches_its_reference_and_stays_near_the_full_precision_layer(mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).to(torch.bfloat16)
+    f8 = Fp8Linear(lin, mode)
+    assert f8.weight.dtype == torch.float8_e4m3fn and not f8.weight.requires_grad
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    out = f8(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.bfloat16
+    w = dequantize(f8.weight, f8.weight_scale, torch.float32)
+    if mode == "fp8":
+        xq, xs = quantize_rowwise(x.reshape(-1, 64))
+        ref = (xq.float() * xs) @ w.t() + lin.bias.float()
+    else:
+        ref = x.reshape(-1, 64).float() @ w.t() + lin.bias.float()
+    assert rel(out.reshape(-1, 48), ref) < 1e-2  # the same arithmetic up to bf16 output rounding
+    assert rel(out, lin(x)) < (0.06 if mode == "fp8" else 0.04)
+
+
+def test_fp8_linear_passes_input_gradients_and_takes_a_peft_lora_in_full_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16))
+    ref = copy.deepcopy(model)
+    assert to_fp8(model, mode="dequant", skip=("2",)) == 1  # the last layer stays full precision
+    assert isinstance(model[0], Fp8Linear) and type(model[2]) is nn.Linear
+    x = torch.randn(8, 32, requires_grad=True)
+    model(x).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref(x_ref).sum().backward()
+    assert rel(x.grad, x_ref.grad) < 0.04
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["0"], init_lora_weights=False),
+                                    model)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    model(torch.randn(8, 32)).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+@pytest.mark.parametrize("fixture", ["qwen_dir", "sd_dir"])
+def test_generator_with_fp8_weights_makes_nearly_the_same_images(fixture, request):
+    path = request.getfixturevalue(fixture)
+    plain = Generator.load(path, device="cpu")
+    fast = Generator.load(path, device="cpu", fp8=True)
+    assert any(isinstance(m, Fp8Linear) for m in fast.family.denoiser.modules())
+    side = 64 if fixture == "qwen_dir" else 16
+    kw = dict(steps=4, seed=3, width=side, height=side)
+    img_a, img_b = (np.asarray(g("a red circle", **kw)[0], dtype=np.float32) for g in (plain, fast))
+    assert np.abs(img_a - img_b).mean() < 8  # levels of 255: the same picture
+
+
+def test_graph_wrappers_are_the_plain_calls_off_cuda():
+    f = GraphedFunction(lambda x, y: x * 2 + y)
+    x, y = torch.randn(3), torch.randn(3)
+    assert torch.equal(f(x, y), x * 2 + y) and not f.graphs
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.5)
+
+    def step(x):
+        loss = (w * x).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    train = GraphedTrainStep(step, opt)
+    for _ in range(5):  # gradients are cleared before every step, so each step is -0.5 * x
+        train(torch.ones(3))
+    assert torch.allclose(w.detach(), torch.full((3,), 1 - 2.5))
+
+
+@cuda
+def test_cuda_graph_replay_equals_eager_calls():
+    lin = nn.Linear(64, 64).cuda()
+    f = GraphedFunction(lambda x: torch.relu(lin(x)))
+    for _ in range(3):
+        x = torch.randn(8, 64, device="cuda")
+        assert torch.allclose(f(x), torch.relu(lin(x)))
+    assert len(f.graphs) == 1 and f.failed is None
+
+
+def test_gpu_benchmark_runs_tiny_on_the_cpu_and_checks_its_outputs(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", Path(__file__).parents[1] / "bench" / "gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert "| SD batch |" in (tmp_path / "gpu.md").read_text()
+    for row in r["sd"]["rows"]:  # fp32 on the CPU: lightbooth's sampler is the stock one
+        assert row["eager_rel_err"] < 1e-4 and row["graphs_rel_err"] < 1e-4 and row["unet_step_flops"] > 0
+    assert r["sd-train"]["loss_rel_err"] < 1e-2 and r["sd-train"]["lora_grad_rel_err"] < 0.05
+    for row in r["qwen"]["rows"].values():  # bf16 both ways, then fp8 weights
+        assert row["bf16_rel_err"] < 0.02 and row["fp8_rel_err"] < 0.05
+    assert r["qwen"]["train_fp8"]["lora_layers"] == r["qwen"]["train_stock"]["lora_layers"] > 0
+    assert r["qwen"]["train_fp8"]["lora_grad_rel_err"] < 0.15
