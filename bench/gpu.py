@@ -92,6 +92,20 @@ def flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+def profile(fn, ctx, name: str) -> None:
+    """OUT/profile-NAME.txt: the 25 most expensive kernels / ops of one call (where the time goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.dev.type == "cuda" else [])
+    with prof(activities=acts) as p:
+        fn()
+        sync(ctx.dev)
+    key = "cuda_time_total" if ctx.dev.type == "cuda" else "cpu_time_total"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / f"profile-{name}.txt").write_text(p.key_averages().table(sort_by=key, row_limit=25))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double().flatten(), ref.double().flatten()
     if not torch.isfinite(out).all():
@@ -233,7 +247,7 @@ def sd(ctx) -> dict:
             row.update({f"{name}_s": t_ours, f"{name}_step_s": step, f"{name}_vs_stock": t_ours / t_stock,
                         f"{name}_step_vs_stock": step / step_stock})
         row["graphs_failed"] = ours["graphs"].family.graphed.failed if ours["graphs"].family.graphed else "off CUDA"
-        row["step_fraction_of_ceiling"] = unet_flops / row["graphs_step_s"] / ctx.ceiling if ctx.ceiling else None
+        row["step_fraction_of_ceiling"] = ctx.fraction(unet_flops, row["graphs_step_s"])
         res["rows"].append(row)
     ctx.sd_ours = ours
     return res
@@ -348,7 +362,7 @@ def sd_train(ctx) -> dict:
     res["graph_failed"] = graphed.failed
     res["ours_mem_before_gib"], res["ours_peak_gib"] = peak_memory(ours_call, dev)
     res["ours_vs_stock"] = res["ours_s"] / res["stock_s"]
-    res["ours_fraction_of_ceiling"] = res["step_flops"] / res["ours_s"] / ctx.ceiling if ctx.ceiling else None
+    res["ours_fraction_of_ceiling"] = ctx.fraction(res["step_flops"], res["ours_s"])
     del unet, ounet, opt, oopt, graphed
     ctx.sd_comps = ctx.sd_pipe = ctx.sd_ours = None  # the Qwen sections' memory numbers must not include SD
     free(dev)
@@ -444,7 +458,7 @@ def qwen(ctx) -> dict:
     with torch.inference_mode():
         res["forward_flops"] = flops(fwd)
         res["stock_forward_s"] = timed(fwd, dev, repeats=ctx.repeats)
-    res["stock_forward_fraction_of_ceiling"] = res["forward_flops"] / res["stock_forward_s"] / ctx.ceiling
+    res["stock_forward_fraction_of_ceiling"] = ctx.fraction(res["forward_flops"], res["stock_forward_s"])
     fam = QwenImageFamily(comps, ROOT, dev, torch.bfloat16)
     ctx.qwen = (comps, fam, pe, pm, x, px)
 
@@ -464,8 +478,10 @@ def qwen(ctx) -> dict:
                         f"{label}_rel_err": rel_err(lat, refs[name])})
         with torch.inference_mode():
             s = timed(fwd, dev, repeats=ctx.repeats)
+            if ctx.profile:
+                profile(fwd, ctx, f"qwen-forward-{label}")
         res[f"{label}_forward_s"] = s
-        res[f"{label}_forward_fraction_of_ceiling"] = res["forward_flops"] / s / ctx.ceiling
+        res[f"{label}_forward_fraction_of_ceiling"] = ctx.fraction(res["forward_flops"], s)
 
     run_ours("bf16")
     ctx.save()
@@ -600,9 +616,14 @@ class Ctx:
         self.half = torch.float16 if self.dev.type == "cuda" else torch.float32
         self.repeats = args.repeats
         self.qwen_cases = args.qwen_cases.split(",")
+        self.profile = args.profile
         self.ceiling = None
         self.sd_comps = self.sd_pipe = self.sd_ours = self.qwen = self.qwen_train_ref = self.qwen_side = None
         self.results: dict = {"meta": meta(self)}
+
+    def fraction(self, flop: float, seconds: float) -> float | None:
+        """Achieved rate over the measured bf16 matrix ceiling (None when the ceilings section did not run)."""
+        return flop / seconds / self.ceiling if self.ceiling else None
 
     def over_budget(self, need_s: float) -> bool:
         return time.time() - T0 + need_s > self.budget
@@ -679,6 +700,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="gpu-results")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="write kernel tables of one Qwen forward per variant")
     ap.add_argument("--qwen-cases", default="lightning,base", help="lightning (8 steps) and/or base (50, CFG 4)")
     ap.add_argument("--budget", type=float, default=480, help="seconds; later sections are skipped past it")
     args = ap.parse_args(argv)

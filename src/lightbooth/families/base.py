@@ -91,6 +91,7 @@ class Family:
     presets: ClassVar[dict[str, Preset]]  # must include "base"
     default_preset: str = "base"
     cuda_graphs_ok: ClassVar[bool] = False  # its denoiser call has no host syncs, so it can replay as a CUDA graph
+    fuse_projections_ok: ClassVar[bool] = False  # diffusers' fused-QKV processors are measured right for it
     fp8_skip: ClassVar[tuple[str, ...]] = ()  # denoiser layers (name substrings) kept in full precision under fp8
     compile_regional: ClassVar[bool] = False  # compile only the repeated blocks (same speed, a fraction of the wait)
 
@@ -136,7 +137,8 @@ class Family:
         """Trade stock numerics for speed, after any LoRA is fused (each changes the denoiser in place).
 
         - fp8: the denoiser's linear layers in e4m3 with per-row scales (accel/fp8.py; about half the memory);
-        - fuse_projections: one matrix product for Q, K and V (diffusers' fuse_qkv_projections);
+        - fuse_projections: one matrix product for Q, K and V (diffusers' fuse_qkv_projections; LoRA training
+          needs the separate projections, so trainers load with fast=False);
         - compile: torch.compile the denoiser (slow first call);
         - cuda_graphs: replay each denoiser call from a CUDA graph, for families whose call allows it (CUDA only).
         Off CUDA only fp8 and fuse_projections change anything.
@@ -147,7 +149,7 @@ class Family:
         den = self.denoiser
         if fp8:
             to_fp8(den, skip=self.fp8_skip)
-        if fuse_projections and hasattr(den, "fuse_qkv_projections"):
+        if fuse_projections and self.fuse_projections_ok:
             den.fuse_qkv_projections()
             presign_attention(den)
         if compile and self.compile_regional:

@@ -20,6 +20,7 @@ class SDFamily(Family):
     samplers = ("ddim", "euler")
     presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
     cuda_graphs_ok = True
+    fuse_projections_ok = True
 
     def __init__(self, components, path, device, dtype):
         super().__init__(components, path, device, dtype)
