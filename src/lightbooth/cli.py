@@ -104,6 +104,66 @@ def train_base(
     typer.echo(str(path))
 
 
+@app.command("dreambooth")
+def dreambooth(
+    config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (keys of DreamBoothConfig, as the flags)."),
+    instance_dir: Optional[str] = typer.Option(None, "--instance-dir", help="3+ images of the subject."),
+    class_noun: Optional[str] = typer.Option(None, "--class-noun", help="What the subject is: dog, star, ..."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (config, checkpoints, logs, the LoRA)."),
+    model: Optional[str] = typer.Option(None, help="Diffusers folder or cached hub id (default: built-in model)."),
+    token: Optional[str] = typer.Option(None, help="Rare word naming the subject (default: qzx)."),
+    instance_prompt: Optional[str] = typer.Option(None, "--instance-prompt", help="Default: 'a {token} {class_noun}'."),
+    class_prompt: Optional[str] = typer.Option(None, "--class-prompt", help="Default: 'a {class_noun}'."),
+    resolution: Optional[int] = typer.Option(None, help="Training side in pixels (default: the model's)."),
+    prior: Optional[bool] = typer.Option(None, "--prior/--no-prior", help="Prior preservation (default on)."),
+    prior_loss_weight: Optional[float] = typer.Option(None, "--prior-loss-weight", help="Default 1.0."),
+    num_class_images: Optional[int] = typer.Option(None, "--num-class-images", help="Default 100."),
+    class_dir: Optional[str] = typer.Option(None, "--class-dir", help="Class image cache folder."),
+    buckets: Optional[bool] = typer.Option(None, "--buckets/--no-buckets", help="Aspect-ratio buckets (default on)."),
+    class_preset: Optional[str] = typer.Option(None, "--class-preset", help="Preset for class images."),
+    full: Optional[bool] = typer.Option(None, "--full", help="Full fine-tune; saves a diffusers folder."),
+    train_text_encoder: Optional[bool] = typer.Option(None, "--train-text-encoder", help="Also train it (sd)."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank (default 4)."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: the rank)."),
+    lora_targets: Optional[List[str]] = typer.Option(None, "--lora-targets", help="Module suffix; repeat."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 400)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4)."),
+    warmup: Optional[int] = typer.Option(None, help="Linear LR warm-up steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Instance images per step."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation batches."),
+    precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed, 16-mixed (default: auto)."),
+    grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing", help="Trade compute for memory."),
+    adam8bit: Optional[bool] = typer.Option(None, "--adam8bit", help="bitsandbytes 8-bit AdamW."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
+    keep: Optional[int] = typer.Option(None, help="Checkpoints kept (default 2)."),
+    validate_every: Optional[int] = typer.Option(None, "--validate-every", help="Steps between validation images."),
+    validation_prompt: Optional[List[str]] = typer.Option(None, "--validation-prompt", help="Repeat for several."),
+    validation_steps: Optional[int] = typer.Option(None, "--validation-steps", help="Sampling steps for them."),
+    logger: Optional[str] = typer.Option(None, help="tensorboard (default), wandb, mlflow or none."),
+    export: Optional[List[str]] = typer.Option(None, "--export", help="Also write this LoRA format: kohya."),
+    devices: Optional[int] = typer.Option(None, help="Processes (GPUs, or CPU processes)."),
+    strategy: Optional[str] = typer.Option(None, help="Lightning strategy (default: ddp_spawn if devices > 1)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of everything (default 0)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto (newest checkpoint in OUT) or a .ckpt path."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT and start again."),
+):
+    """Personalize a model on a subject from a few images (LoRA by default); writes OUT/lora.safetensors."""
+    import dataclasses
+
+    from .config import load_config
+    from .training.dreambooth import DreamBoothConfig, train_dreambooth
+
+    given = locals()
+    flags = {f.name: given.get(f.name) for f in dataclasses.fields(DreamBoothConfig)}
+    for key in ("validation_prompt", "export", "lora_targets"):  # a list option left out arrives empty
+        flags[key] = list(flags[key]) if flags[key] else None
+    saved = Path(out) / "config.yaml" if out else None
+    source = config if config is not None or not (resume and saved and saved.exists()) else saved
+    cfg = load_config(DreamBoothConfig, source, flags)
+    typer.echo(str(train_dreambooth(cfg, resume=resume, overwrite=overwrite)))
+
+
 @app.command("eval")
 def eval_(
     model: Optional[str] = typer.Option(None, help="Model to score (default: the built-in model)."),

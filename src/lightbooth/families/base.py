@@ -183,6 +183,23 @@ class Family:
         """Latents -> images (B, 3, H, W) in [0, 1]."""
         raise NotImplementedError
 
+    # --- training (DreamBooth): latents are (B, C, h, w), normalized as the denoiser sees them ---------------
+    text_lora_targets: ClassVar[tuple[str, ...]] = ()  # LoRA targets in the text encoder; empty: it never trains
+
+    def encode_text(self, prompts: list[str], text_encoder: torch.nn.Module | None = None) -> Cond:
+        """`encode` without inference mode, through `text_encoder` (default: the loaded one), so it can train."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> clean training latents (B, C, h, w): the frozen VAE's posterior mean."""
+        raise NotImplementedError
+
+    def training_loss(self, denoiser: torch.nn.Module, x0: torch.Tensor, cond: Cond, noise: torch.Tensor,
+                      u: torch.Tensor) -> torch.Tensor:
+        """Per-sample denoising loss (B,) of `denoiser` on clean latents `x0` with `noise` at noise levels picked
+        by uniform draws `u` (B,) in (0, 1); the family maps `u` onto its own noise schedule."""
+        raise NotImplementedError
+
 
 def load_component(path: Path, name: str, index: dict, dtype: torch.dtype):
     """Load one component with the class model_index.json names, from safetensors only."""

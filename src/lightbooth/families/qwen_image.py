@@ -8,6 +8,7 @@ import torch
 
 from ..errors import LightboothError
 from ..sampling import guidance, samplers, schedules
+from ..training.losses import flow_matching_loss, flow_noisy, shifted_sigmas
 from .base import Cond, Family, Preset, cfg_batch, guided, presign_attention
 from .qwen_vae import fast_rms_norms, single_frame_convs
 
@@ -80,8 +81,33 @@ class QwenImageFamily(Family):
 
     def encode(self, prompts: list[str]) -> Cond:
         with torch.inference_mode():
-            return prompt_embeds(self.components["tokenizer"], self.components["text_encoder"], prompts,
-                                 self.prefix_len, self.device)
+            return self.encode_text(prompts)
+
+    def encode_text(self, prompts, text_encoder=None):
+        return prompt_embeds(self.components["tokenizer"], text_encoder or self.components["text_encoder"], prompts,
+                             self.prefix_len, self.device)
+
+    def encode_images(self, pixels):
+        z = self.components["vae"].encode(pixels.to(self.device, self.dtype)[:, :, None]).latent_dist.mean
+        return ((z - self._mean.to(z)) / self._std.to(z))[:, :, 0]  # (B, C, h, w)
+
+    def training_sigmas(self, u: torch.Tensor, image_seq_len: int) -> torch.Tensor:
+        """Training noise levels shifted as the model's own sampling schedule is (fixed or dynamic shift)."""
+        cfg = self.components["scheduler"].config
+        if cfg.get("use_dynamic_shifting", False):
+            mu = schedules.dynamic_shift_mu(image_seq_len, cfg.get("base_image_seq_len", 256),
+                                            cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                            cfg.get("max_shift", 1.15))
+            return shifted_sigmas(u, mu=mu)
+        return shifted_sigmas(u, shift=cfg.get("shift", 1.0))
+
+    def training_loss(self, denoiser, x0, cond, noise, u):
+        b, _, h, w = x0.shape
+        sigma = self.training_sigmas(u, (h // 2) * (w // 2)).to(x0)
+        v = denoiser(hidden_states=pack(flow_noisy(x0, noise, sigma)), timestep=sigma,
+                     encoder_hidden_states=cond.embeds, encoder_hidden_states_mask=cond.mask,
+                     img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]  # (B, N, 4C)
+        return flow_matching_loss(v, pack(x0), pack(noise), per_sample=True)
 
     def latent_hw(self, width: int, height: int) -> tuple[int, int]:
         return height // self.vae_scale, width // self.vae_scale

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import guidance, samplers, schedules
+from ..training.losses import ddpm_noisy, ddpm_target, mse
 from .base import Cond, Family, Preset, cfg_batch, guided, presign_attention
 
 
@@ -17,6 +18,7 @@ class SDFamily(Family):
     component_names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     denoiser_name = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     samplers = ("ddim", "euler")
     presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
     cuda_graphs_ok = True
@@ -39,12 +41,25 @@ class SDFamily(Family):
         presign_attention(components["unet"])
 
     def encode(self, prompts: list[str]) -> Cond:
-        tok, enc = self.components["tokenizer"], self.components["text_encoder"]
+        with torch.inference_mode():
+            return self.encode_text(prompts)
+
+    def encode_text(self, prompts, text_encoder=None):
+        tok, enc = self.components["tokenizer"], text_encoder or self.components["text_encoder"]
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt")
         mask = ids.attention_mask.to(self.device) if getattr(enc.config, "use_attention_mask", False) else None
-        with torch.inference_mode():
-            return Cond(enc(ids.input_ids.to(self.device), attention_mask=mask)[0])
+        return Cond(enc(ids.input_ids.to(self.device), attention_mask=mask)[0])
+
+    def encode_images(self, pixels):
+        vae = self.components["vae"]
+        return vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+    def training_loss(self, denoiser, x0, cond, noise, u):
+        t = (u * len(self.ac)).long().clamp(max=len(self.ac) - 1)  # uniform over the training timesteps
+        a = self.ac.to(x0.device)[t]
+        out = denoiser(ddpm_noisy(x0, noise, a), t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+        return mse(out, ddpm_target(x0, noise, a, self.prediction), per_sample=True)
 
     def noise(self, seed: int, width: int, height: int) -> torch.Tensor:
         c = self.components["unet"].config.in_channels

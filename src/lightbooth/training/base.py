@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import save_config, write_text_atomic
+from ..config import write_text_atomic
 from ..data import shapes
 from ..errors import LightboothError
 from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_length
@@ -235,21 +235,6 @@ def export_pipeline(cfg: BaseTrainConfig, run: Path, tokenizer, vae, text_encode
 
 def prepare_run(run: Path, cfg: BaseTrainConfig, resume: bool, overwrite: bool) -> None:
     """Refuse to touch an existing run unless asked; save the resolved config."""
-    if run.exists() and any(run.iterdir()):
-        if not (resume or overwrite):
-            raise LightboothError(f"run folder {run} already exists; pass --resume to continue it or --overwrite "
-                                  "to start again")
-        if overwrite and not resume:
-            shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    saved = run / "config.yaml"
-    if resume and saved.exists():
-        from ..config import load_config
+    from .checkpoints import prepare_run_folder
 
-        old = load_config(BaseTrainConfig, saved)
-        changed = [f.name for f in dataclasses.fields(cfg)
-                   if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in RESUMABLE_CHANGES]
-        if changed:
-            raise LightboothError(f"{saved} differs from the config given in '{changed[0]}'; resume with the same "
-                                  "config (or none, to reuse the saved one)")
-    save_config(cfg, saved)
+    prepare_run_folder(run, cfg, resume, overwrite, RESUMABLE_CHANGES)

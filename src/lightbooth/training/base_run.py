@@ -13,7 +13,7 @@ from ..families.qwen_image import prompt_embeds, template_prefix_length
 from ..families.qwen_vae import fast_rms_norms, single_frame_convs
 from ..safeload import load_safetensors, save_safetensors_atomic
 from . import base as B
-from .checkpoints import PeriodicCheckpoint, PlainProgress, newest_valid_checkpoint
+from .checkpoints import PeriodicCheckpoint, PlainProgress, newest_valid_checkpoint, run_fit
 from .losses import flow_matching_loss, flow_noisy, logit_normal_sigmas, vae_loss
 
 
@@ -86,17 +86,7 @@ def fit(module: L.LightningModule, loader, steps: int, folder: Path, cfg: B.Base
     trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, precision="32-true", logger=TensorBoardLogger(
         str(folder.parent / "logs"), name=logger_name), callbacks=[ckpt, PlainProgress()], enable_checkpointing=False,
         enable_model_summary=False, log_every_n_steps=50, enable_progress_bar=sys.stderr.isatty(), num_sanity_val_steps=0, gradient_clip_val=1.0)
-    resume = newest_valid_checkpoint(folder)
-    try:
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
-    except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "SIGTERMException":
-            where = ckpt.saved_on_exit or folder
-            print(f"interrupted: checkpoint saved in {where}; rerun with --resume to continue", file=sys.stderr)
-            raise SystemExit(130) from None
-        raise
-    if trainer.interrupted:
-        raise SystemExit(130)
+    run_fit(trainer, module, ckpt, newest_valid_checkpoint(folder), train_dataloaders=loader)
 
 
 def stage_done(run: Path, stage: str) -> bool:

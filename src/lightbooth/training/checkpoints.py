@@ -37,11 +37,13 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
 
 
 def save_atomic(trainer: L.Trainer, path: Path) -> None:
+    """Every process must call this (saving is a collective in Lightning); the global-zero process writes."""
     tmp = path.with_name(f".tmp-{path.name}")
     trainer.save_checkpoint(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if trainer.is_global_zero:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 class PeriodicCheckpoint(L.Callback):
@@ -50,14 +52,16 @@ class PeriodicCheckpoint(L.Callback):
     def __init__(self, folder: Path, every: int, keep: int = 2):
         self.folder, self.every, self.keep = Path(folder), every, max(1, keep)
         self.saved_on_exit: Path | None = None
+        self._last: int | None = None  # step of the last save: with gradient accumulation a step spans batches
 
     def _save(self, trainer: L.Trainer) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{trainer.global_step:08d}.ckpt"
-        if trainer.is_global_zero:
+        if self._last != trainer.global_step:
             save_atomic(trainer, path)
-            for _, old in checkpoint_steps(self.folder)[self.keep:]:
+            for _, old in checkpoint_steps(self.folder)[self.keep:] if trainer.is_global_zero else ():
                 old.unlink(missing_ok=True)
+        self._last = trainer.global_step
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -68,8 +72,68 @@ class PeriodicCheckpoint(L.Callback):
         self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, (KeyboardInterrupt, SystemExit)) or type(exception).__name__ == "SIGTERMException":
+        if not is_interrupt(exception):
+            return
+        # Only between optimizer steps is the state whole: mid-accumulation gradients are not in a checkpoint.
+        if trainer.fit_loop.epoch_loop.batch_progress.total.processed % trainer.accumulate_grad_batches == 0:
             self.saved_on_exit = self._save(trainer)
+        else:
+            newest = checkpoint_steps(self.folder)
+            self.saved_on_exit = newest[0][1] if newest else None
+
+
+def is_interrupt(e: BaseException) -> bool:
+    """Ctrl-C, SIGTERM (Lightning raises SIGTERMException) or Lightning's exit after catching Ctrl-C."""
+    return isinstance(e, (KeyboardInterrupt, SystemExit)) or type(e).__name__ == "SIGTERMException"
+
+
+def run_fit(trainer: L.Trainer, module: L.LightningModule, ckpt: PeriodicCheckpoint, resume: Path | None,
+            **loaders) -> None:
+    """`trainer.fit`, resuming from `resume`; Ctrl-C / SIGTERM save a checkpoint and exit with code 130."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a Ctrl-C; give it back after
+    try:
+        trainer.fit(module, ckpt_path=str(resume) if resume else None, **loaders)
+    except BaseException as e:
+        if is_interrupt(e):
+            where = ckpt.saved_on_exit or ckpt.folder
+            print(f"interrupted: checkpoint saved in {where}; rerun with --resume to continue", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if trainer.interrupted:
+        raise SystemExit(130)
+
+
+def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change: frozenset[str] | set[str]) -> None:
+    """Refuse to touch an existing run unless asked; on resume the saved config must agree except `may_change`;
+    save the resolved config as run/config.yaml."""
+    import dataclasses
+    import shutil
+
+    from ..config import load_config, save_config
+    from ..errors import LightboothError
+
+    if run.exists() and not run.is_dir():
+        raise LightboothError(f"run folder {run} is a file; pass a folder for the run")
+    if run.exists() and any(run.iterdir()):
+        if not (resume or overwrite):
+            raise LightboothError(f"run folder {run} already exists; pass --resume to continue it or --overwrite "
+                                  "to start again")
+        if overwrite and not resume:
+            shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    saved = run / "config.yaml"
+    if resume and saved.exists():
+        old = load_config(type(cfg), saved)
+        changed = [f.name for f in dataclasses.fields(cfg)
+                   if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change]
+        if changed:
+            raise LightboothError(f"{saved} differs from the config given in '{changed[0]}'; resume with the same "
+                                  "config (or none, to reuse the saved one)")
+    save_config(cfg, saved)
 
 
 class PlainProgress(L.Callback):
@@ -77,6 +141,7 @@ class PlainProgress(L.Callback):
 
     def __init__(self, every: int = 50):
         self.every, self.t0, self.s0 = every, None, 0
+        self.shown = None  # with gradient accumulation a step spans several batches: one line per step
 
     def on_train_start(self, trainer, pl_module):
         import time
@@ -87,8 +152,9 @@ class PlainProgress(L.Callback):
         import time
 
         step = trainer.global_step
-        if step % self.every or not trainer.is_global_zero:
+        if step % self.every or step in (self.s0, self.shown) or not trainer.is_global_zero:
             return
+        self.shown = step
         rate = (step - self.s0) / max(1e-9, time.time() - self.t0)
         loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
         eta = (trainer.max_steps - step) / max(rate, 1e-9)

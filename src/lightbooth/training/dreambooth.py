@@ -1,0 +1,303 @@
+"""DreamBooth personalization (Ruiz et al. 2023): teach a model one subject from a few photos.
+
+`train_dreambooth(config)` reads top to bottom: check the images, load the model, make or reuse the class images,
+cache latents and prompt encodings, add LoRA (or unfreeze the denoiser), fit with Lightning, export. The family
+adapter supplies the maths (how to encode, noise and score); nothing here asks which family it holds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LightboothError
+
+DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sks" is a rifle and a common token
+LOGGERS = ("tensorboard", "wandb", "mlflow", "none")
+EXPORTS = ("kohya",)
+# keys that may differ when resuming a run: how long and how it is watched, not what it trains on
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "validate_every", "validation_prompt", "logger", "export",
+                     "devices", "strategy", "threads"}
+
+
+@dataclass
+class DreamBoothConfig:
+    """A DreamBooth run. Every field is a YAML key and a CLI flag (`class_noun` is `--class-noun`)."""
+
+    instance_dir: str = ""  # 3+ images of the subject; an optional name.txt next to name.png is its caption
+    class_noun: str = ""  # what the subject is ("dog", "star")
+    out: str = ""  # the run folder
+    model: str | None = None  # diffusers folder or cached hub id; None: the built-in model
+    token: str = DEFAULT_TOKEN  # the rare word that names the subject
+    instance_prompt: str = "a {token} {class_noun}"  # for images without a caption file
+    class_prompt: str = "a {class_noun}"
+    resolution: int | None = None  # buckets hold about resolution^2 pixels; None: the model's default size
+    buckets: bool = True  # aspect-ratio buckets; off: every image centre-cropped square
+    prior: bool = True  # prior preservation: a class image beside every instance image
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    class_dir: str | None = None  # None: RUN/../class-images-<hash>, shared by runs with the same settings
+    class_preset: str | None = None  # sampling preset for class images; None: "fast" if the model has one
+    full: bool = False  # fine-tune every denoiser weight (saves a diffusers folder) instead of a LoRA
+    train_text_encoder: bool = False  # also train the text encoder (LoRA, or fully with `full`); sd only
+    rank: int = 4  # LoRA rank
+    alpha: float | None = None  # LoRA alpha; None: equal to the rank
+    lora_targets: list[str] | None = None  # module name suffixes; None: the family's `lora_targets`
+    steps: int = 400  # optimizer steps
+    lr: float = 1e-4
+    warmup: int = 0  # linear LR warm-up steps, then constant
+    batch_size: int = 1  # instance images per step (as many class images again with prior preservation)
+    grad_accum: int = 1
+    precision: str = "auto"  # Lightning precision; auto: bf16-mixed on GPU, 32-true on CPU
+    grad_checkpointing: bool = False
+    adam8bit: bool = False  # bitsandbytes 8-bit AdamW (GPU)
+    checkpoint_every: int = 100
+    keep: int = 2  # checkpoints kept
+    validate_every: int = 0  # validation images every N steps (0: only at the end)
+    validation_prompt: list[str] = field(default_factory=lambda: ["a {token} {class_noun}"])
+    validation_steps: int | None = None  # sampling steps of validation images; None: the model's preset
+    logger: str = "tensorboard"  # tensorboard, wandb, mlflow or none
+    export: list[str] = field(default_factory=list)  # extra LoRA formats: kohya -> RUN/lora_kohya.safetensors
+    devices: int = 1  # processes (GPUs, or CPU processes with gloo)
+    strategy: str = "auto"  # Lightning strategy; auto: ddp_spawn with several devices
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0: all cores
+
+
+def check_config(cfg: DreamBoothConfig) -> None:
+    """One-line errors for settings that cannot work, before anything is loaded or written."""
+    for key in ("instance_dir", "class_noun", "out"):
+        if not getattr(cfg, key):
+            raise LightboothError(f"'{key}' is required (--{key.replace('_', '-')})")
+    positive = {"steps": cfg.steps, "rank": cfg.rank, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "checkpoint_every": cfg.checkpoint_every, "keep": cfg.keep, "devices": cfg.devices,
+                "num_class_images": cfg.num_class_images}
+    for key, v in positive.items():
+        if v < 1:
+            raise LightboothError(f"'{key}' must be at least 1 (got {v})")
+    if cfg.lr <= 0 or cfg.prior_loss_weight < 0:
+        raise LightboothError("'lr' must be positive and 'prior_loss_weight' not negative")
+    if cfg.batch_size % cfg.devices:
+        raise LightboothError(f"batch_size {cfg.batch_size} must be a multiple of devices {cfg.devices} (each "
+                              "process takes an equal share of the global batch)")
+    if cfg.logger not in LOGGERS:
+        raise LightboothError(f"unknown logger {cfg.logger!r}; use one of {', '.join(LOGGERS)}")
+    for fmt in cfg.export:
+        if fmt not in EXPORTS:
+            raise LightboothError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORTS)}")
+    if not cfg.token or any(c.isspace() for c in cfg.token):
+        raise LightboothError(f"token {cfg.token!r} must be one word without spaces")
+    needs = {"bitsandbytes": cfg.adam8bit, "wandb": cfg.logger == "wandb", "mlflow": cfg.logger == "mlflow"}
+    for package, needed in needs.items():
+        if needed and importlib.util.find_spec(package) is None:
+            raise LightboothError(f"{'--adam8bit' if package == 'bitsandbytes' else '--logger ' + cfg.logger} needs "
+                                  f"the {package} package; pip install {package}")
+
+
+def check_token(tokenizer, token: str) -> None:
+    """The token must encode to known vocabulary entries (no unknown-token ids)."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if not ids or (unk is not None and unk in ids):
+        raise LightboothError(f"the model's tokenizer cannot spell token {token!r}; pick another --token")
+
+
+def fill(template: str, cfg: DreamBoothConfig) -> str:
+    return template.replace("{token}", cfg.token).replace("{class_noun}", cfg.class_noun)
+
+
+def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite: bool = False,
+                     callbacks=()) -> Path:
+    """Train; returns RUN/lora.safetensors (or RUN/model with `full`). `resume`: "auto" or a checkpoint path."""
+    from ..data.instance import load_instance_images
+    from ..generate import Generator
+    from ..models import resolve_model
+    from .checkpoints import newest_valid_checkpoint, prepare_run_folder
+
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    images = load_instance_images(cfg.instance_dir)  # bad input fails before the run folder is touched
+    model_path = resolve_model(cfg.model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # LoRA: the frozen base in the family's dtype (bf16 on GPU; peft keeps the adapters fp32); full: fp32 master weights
+    gen = Generator.load(model_path, device=device, dtype=torch.float32 if cfg.full else None)
+    family = gen.family
+    if cfg.train_text_encoder and not family.text_lora_targets:
+        raise LightboothError(f"--train-text-encoder is not supported for {family.name} models (sd only)")
+    check_token(family.components["tokenizer"], cfg.token)
+    training_side(cfg, family)
+    ckpt_path = None
+    if resume not in (None, "auto"):
+        ckpt_path = Path(resume)
+        if not ckpt_path.is_file():
+            raise LightboothError(f"checkpoint {ckpt_path} not found; pass --resume auto or a step-*.ckpt file")
+    prepare_run_folder(run, cfg, resume is not None, overwrite, RESUMABLE_CHANGES)
+    if resume == "auto":
+        ckpt_path = newest_valid_checkpoint(run / "checkpoints")
+
+    data = cache_data(cfg, family, images, class_image_paths(cfg, gen, model_path, run) if cfg.prior else [])
+    make_trainable(cfg, family)
+    fit(cfg, family, data, run, ckpt_path, callbacks)
+    return export(cfg, family, model_path, run)
+
+
+def training_side(cfg: DreamBoothConfig, family) -> int:
+    """The side of the square training size (buckets keep its area); the model's default unless given."""
+    side = cfg.resolution or family.default_size[0]
+    if side < family.size_factor or side % family.size_factor:
+        raise LightboothError(f"resolution {side} is not a positive multiple of {family.size_factor}, which "
+                              f"{family.name} needs")
+    return side
+
+
+def class_image_paths(cfg: DreamBoothConfig, gen, model_path: Path, run: Path) -> list[Path]:
+    """Generate (or reuse) the class images with the base model, before any LoRA touches it."""
+    from ..data.class_images import class_settings, default_class_dir, ensure_class_images
+
+    fam = gen.family
+    name = cfg.class_preset or ("fast" if "fast" in fam.presets else fam.default_preset)
+    if name not in fam.presets:
+        raise LightboothError(f"unknown class preset {name!r}; choose one of {', '.join(fam.presets)}")
+    preset, side = fam.presets[name], training_side(cfg, fam)
+    settings = class_settings(str(model_path.resolve()), fill(cfg.class_prompt, cfg), name, preset.steps,
+                              preset.guidance, side, side)
+    folder = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(run, settings)
+    return ensure_class_images(folder, settings, cfg.num_class_images, cfg.seed, lambda: gen)
+
+
+@torch.no_grad()
+def cache_data(cfg: DreamBoothConfig, family, images, class_paths: list[Path]):
+    """Latents of every instance image (in its bucket) and class image, and each distinct prompt's encoding."""
+    from ..data.instance import bucket_sizes, fit_to, nearest_bucket, open_image
+    from .base import to_tensor
+    from .dreambooth_module import CachedData
+
+    side = training_side(cfg, family)
+    buckets = bucket_sizes(side, family.size_factor) if cfg.buckets else [(side, side)]
+
+    def latents(ims, size):
+        return [family.encode_images(to_tensor([fit_to(im, size)]))[0].float().cpu() for im in ims]
+
+    instance = [latents([im.image], nearest_bucket(im.image.size, buckets))[0] for im in images]
+    classes = latents([open_image(p) for p in class_paths], (side, side))
+    prompts = [fill(im.caption or cfg.instance_prompt, cfg) for im in images]
+    class_prompt = fill(cfg.class_prompt, cfg)
+    conds = {}
+    if not cfg.train_text_encoder:
+        for p in dict.fromkeys(prompts + [class_prompt]):
+            c = family.encode([p])  # each prompt alone, as generation encodes it
+            conds[p] = type(c)(c.embeds.clone().cpu(), None if c.mask is None else c.mask.clone().cpu())
+    return CachedData(instance, prompts, classes, class_prompt, conds)
+
+
+def make_trainable(cfg: DreamBoothConfig, family) -> None:
+    """LoRA adapters (peft) on the family's target modules, or every denoiser weight with `full`."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are random: same seed, same start
+    parts = [(family.denoiser, tuple(cfg.lora_targets or family.lora_targets))]
+    if cfg.train_text_encoder:
+        parts.append((family.components["text_encoder"], family.text_lora_targets))
+    for module, targets in parts:
+        if cfg.full:
+            module.requires_grad_(True)
+            continue
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=list(targets),
+                          lora_dropout=0.0, init_lora_weights=True)
+        try:
+            inject_adapter_in_model(lora, module)
+        except ValueError as e:
+            raise LightboothError(f"LoRA targets {list(targets)} do not match the model: {str(e).splitlines()[0]}")
+    if cfg.grad_checkpointing:
+        family.denoiser.enable_gradient_checkpointing()
+
+
+def make_logger(name: str, run: Path):
+    from lightning.pytorch import loggers
+
+    if name == "tensorboard":
+        return loggers.TensorBoardLogger(str(run), name="logs", version="")
+    if name == "wandb":
+        return loggers.WandbLogger(save_dir=str(run), project="lightbooth", name=run.name)
+    if name == "mlflow":
+        return loggers.MLFlowLogger(experiment_name="lightbooth", run_name=run.name,
+                                    tracking_uri=(run / "mlruns").resolve().as_uri())
+    return False
+
+
+def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, callbacks=()) -> None:
+    import lightning as L
+
+    from .checkpoints import PeriodicCheckpoint, PlainProgress, run_fit
+    from .dreambooth_module import DreamBoothModule, LossLog, Validation, steps_bar
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    cuda = torch.cuda.is_available()
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp_spawn" if cfg.devices > 1 else "auto")
+    ckpt = PeriodicCheckpoint(run / "checkpoints", cfg.checkpoint_every, cfg.keep)
+    val_settings = {"steps": cfg.validation_steps} if cfg.validation_steps else {}
+    prompts = [fill(p, cfg) for p in cfg.validation_prompt if p.strip()]  # an empty prompt: no validation
+    validation = Validation(run / "validation", prompts, cfg.validate_every, cfg.seed, val_settings)
+    tty = sys.stderr.isatty()
+    trainer = L.Trainer(
+        max_steps=cfg.steps, max_epochs=-1, accelerator="gpu" if cuda else "cpu", devices=cfg.devices,
+        strategy=strategy, precision=precision, logger=make_logger(cfg.logger, run),
+        callbacks=[ckpt, LossLog(run / "losses.jsonl"), validation, steps_bar() if tty else PlainProgress(),
+                   *callbacks],
+        accumulate_grad_batches=cfg.grad_accum, gradient_clip_val=1.0, use_distributed_sampler=False,
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=tty, num_sanity_val_steps=0,
+        log_every_n_steps=min(50, cfg.steps))
+    module = DreamBoothModule(cfg, family, data)
+    try:
+        run_fit(trainer, module, ckpt, ckpt_path)
+    except Exception as e:  # an error in a spawned process arrives as its traceback text
+        if type(e).__name__ != "ProcessRaisedException":
+            raise
+        last = [line for line in str(e).strip().splitlines() if "Error: " in line or "Loss: " in line]
+        raise LightboothError(last[-1].split(": ", 1)[1] if last else "a training process failed") from None
+
+
+def export(cfg: DreamBoothConfig, family, model_path: Path, run: Path) -> Path:
+    """RUN/lora.safetensors (+ RUN/lora_kohya.safetensors), or RUN/model, a diffusers folder, with `full`."""
+    from ..lora import from_peft_model, save_lora
+
+    te = family.components["text_encoder"] if cfg.train_text_encoder else None
+    if cfg.full:
+        return export_full(family, te, model_path, run)
+    weights = from_peft_model(family.denoiser_name, family.denoiser)
+    if te is not None:
+        weights.update(from_peft_model("text_encoder", te))
+    meta = {"lightbooth_dreambooth": json.dumps({"token": cfg.token, "class_noun": cfg.class_noun,
+                                                 "instance_prompt": fill(cfg.instance_prompt, cfg)})}
+    path = run / "lora.safetensors"
+    save_lora(path, weights, format="peft", metadata=meta)
+    if "kohya" in cfg.export:
+        save_lora(run / "lora_kohya.safetensors", weights, format="kohya", metadata=meta)
+    return path
+
+
+def export_full(family, text_encoder, model_path: Path, run: Path) -> Path:
+    """The base model's folder with the trained components replaced, written beside and renamed into place."""
+    names = [family.denoiser_name] + (["text_encoder"] if text_encoder is not None else [])
+    out, tmp = run / "model", run / ".model-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_path, tmp, ignore=lambda d, files: names if Path(d) == model_path else [])
+    family.denoiser.save_pretrained(str(tmp / family.denoiser_name), safe_serialization=True)
+    if text_encoder is not None:
+        text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
