@@ -149,19 +149,66 @@ def dreambooth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT and start again."),
 ):
     """Personalize a model on a subject from a few images (LoRA by default); writes OUT/lora.safetensors."""
+
+    from .training.dreambooth import DreamBoothConfig, train_dreambooth
+
+    cfg = _run_config(DreamBoothConfig, locals(), ("validation_prompt", "export", "lora_targets"), out, config, resume)
+    typer.echo(str(train_dreambooth(cfg, resume=resume, overwrite=overwrite)))
+
+
+@app.command("distill")
+def distill(
+    config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (keys of DistillConfig, as the flags)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (config, checkpoints, logs, the LoRA)."),
+    model: Optional[str] = typer.Option(None, help="Teacher: diffusers folder or cached hub id (default: built-in)."),
+    lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA fused into the teacher, PATH[:SCALE]; repeat."),
+    method: Optional[str] = typer.Option(None, help="dmd (default) or trajectory."),
+    student_steps: Optional[int] = typer.Option(None, "--student-steps", help="1, 2, 4 (default) or 8."),
+    shift: Optional[float] = typer.Option(None, help="The student's fixed flow shift (default 3)."),
+    teacher_preset: Optional[str] = typer.Option(None, "--teacher-preset", help="Teacher sampling preset."),
+    teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Teacher sampling steps."),
+    teacher_guidance: Optional[float] = typer.Option(None, "--teacher-guidance", help="Teacher CFG scale."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="Prompts, one per line (default: "
+                                               "shapes-world captions)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 1000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per step (default 8)."),
+    lr: Optional[float] = typer.Option(None, help="Student learning rate (default 1e-4)."),
+    fake_lr: Optional[float] = typer.Option(None, "--fake-lr", help="DMD fake-score learning rate."),
+    fake_updates: Optional[int] = typer.Option(None, "--fake-updates", help="DMD critic updates per student update."),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: the rank)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
+    keep: Optional[int] = typer.Option(None, help="Checkpoints kept (default 2)."),
+    logger: Optional[str] = typer.Option(None, help="tensorboard (default), wandb, mlflow or none."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of everything (default 0)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="auto (newest checkpoint in OUT) or a .ckpt path."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT and start again."),
+):
+    """Distill a model (a personalized one too) into a few-step LoRA; writes OUT/lora.safetensors."""
+    from .training.distill.run import DistillConfig, train_distill
+
+    given = dict(locals(), loras=lora)
+    cfg = _run_config(DistillConfig, given, ("loras",), out, config, resume)
+    typer.echo(str(train_distill(cfg, resume=resume, overwrite=overwrite)))
+
+
+def _run_config(cls, given: dict, list_keys: tuple[str, ...], out: str | None, config: Path | None,
+                resume: str | None):
+    """A trainer's config from its flags (those given override) over --config, or over the run's own saved config
+    when resuming without one."""
     import dataclasses
 
     from .config import load_config
-    from .training.dreambooth import DreamBoothConfig, train_dreambooth
 
-    given = locals()
-    flags = {f.name: given.get(f.name) for f in dataclasses.fields(DreamBoothConfig)}
-    for key in ("validation_prompt", "export", "lora_targets"):  # a list option left out arrives empty
+    flags = {f.name: given.get(f.name) for f in dataclasses.fields(cls)}
+    for key in list_keys:  # a list option left out arrives empty
         flags[key] = list(flags[key]) if flags[key] else None
     saved = Path(out) / "config.yaml" if out else None
     source = config if config is not None or not (resume and saved and saved.exists()) else saved
-    cfg = load_config(DreamBoothConfig, source, flags)
-    typer.echo(str(train_dreambooth(cfg, resume=resume, overwrite=overwrite)))
+    return load_config(cls, source, flags)
 
 
 @app.command("eval")

@@ -96,7 +96,7 @@ class Generator:
         family = family_class(family_of(path)).load(path, device, dtype)
         applied, lora_preset = [], None
         for spec in loras:
-            p, scale = parse_lora_spec(spec) if isinstance(spec, (str, os.PathLike)) else spec
+            p, scale = parse_lora_spec(os.fspath(spec)) if isinstance(spec, (str, os.PathLike)) else spec
             weights = lora_mod.load_lora(str(p), family.name, family.modules_for_lora())
             lora_mod.fuse(family.modules_for_lora(), weights, scale)
             meta = validate_safetensors(p)

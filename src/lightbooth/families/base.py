@@ -94,6 +94,7 @@ class Family:
     fuse_projections_ok: ClassVar[bool] = False  # diffusers' fused-QKV processors are measured right for it
     fp8_skip: ClassVar[tuple[str, ...]] = ()  # denoiser layers (name substrings) kept in full precision under fp8
     compile_regional: ClassVar[bool] = False  # compile only the repeated blocks (same speed, a fraction of the wait)
+    flow_matching: ClassVar[bool] = False  # a rectified-flow model with velocity(): what distillation needs
 
     def __init__(self, components: dict, path: Path, device: torch.device, dtype: torch.dtype):
         self.components, self.path, self.device, self.dtype = components, path, device, dtype

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
 from ..errors import LightboothError
@@ -57,6 +55,7 @@ class QwenImageFamily(Family):
     samplers = ("flow_euler",)
     fp8_skip = ("img_in", "txt_in", "norm_out", "proj_out")  # first and last layers: small, and errors there show
     compile_regional = True  # 60 identical blocks are nearly all of the work
+    flow_matching = True  # velocity(), image_tokens() and schedule() exist: few-step distillation works on it
     presets = {
         "base": Preset(steps=50, guidance=4.0, sampler="flow_euler"),
         # Qwen-Image-Lightning: fixed shift 3, CFG distilled in (true CFG 1), 8 or 4 steps.
@@ -136,14 +135,26 @@ class QwenImageFamily(Family):
                              encoder_hidden_states=cond.embeds, encoder_hidden_states_mask=cond.mask,
                              img_shapes=[[img_shape]] * x.shape[0], return_dict=False)[0]
 
-    def sample(self, x, cond, uncond, preset, width, height, callback=None):
+    def image_tokens(self, width: int, height: int) -> int:
         h, w = self.latent_hw(width, height)
+        return (h // 2) * (w // 2)
+
+    def velocity(self, x: torch.Tensor, cond: Cond, sigma: torch.Tensor, width: int, height: int,
+                 uncond: Cond | None = None, guidance_scale: float = 1.0, both: Cond | None = None) -> torch.Tensor:
+        """The (guided) velocity at noise level `sigma` (a scalar, or one per row of x) for packed latents x."""
+        h, w = self.latent_hw(width, height)
+
+        def fwd(xx, c):  # under CFG the batch is [x; x], so per-row levels repeat
+            s = sigma if sigma.dim() == 0 or len(sigma) == len(xx) else sigma.repeat(len(xx) // len(sigma))
+            return self._forward(xx, c, s, (1, h // 2, w // 2))
+        return guided(fwd, guidance.cfg_norm_rescale, x, cond, uncond, guidance_scale, both)
+
+    def sample(self, x, cond, uncond, preset, width, height, callback=None):
         sigmas = self.schedule(preset, x.shape[1]).to(self.device)
         both = cfg_batch(cond, uncond, preset.guidance)
 
         def velocity(xt, i):
-            fwd = partial(self._forward, sigma=sigmas[i], img_shape=(1, h // 2, w // 2))
-            return guided(fwd, guidance.cfg_norm_rescale, xt, cond, uncond, preset.guidance, both)
+            return self.velocity(xt, cond, sigmas[i], width, height, uncond, preset.guidance, both)
 
         with torch.inference_mode():
             return samplers.flow_euler(velocity, x, sigmas, callback)

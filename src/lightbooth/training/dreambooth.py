@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import LightboothError
+from .common import LOGGERS
 
 DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sks" is a rifle and a common token
-LOGGERS = ("tensorboard", "wandb", "mlflow", "none")
 EXPORTS = ("kohya",)
 # keys that may differ when resuming a run: how long and how it is watched, not what it trains on
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "validate_every", "validation_prompt", "logger", "export",
@@ -130,7 +130,8 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     model_path = resolve_model(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # LoRA: the frozen base in the family's dtype (bf16 on GPU; peft keeps the adapters fp32); full: fp32 master weights
-    gen = Generator.load(model_path, device=device, dtype=torch.float32 if cfg.full else None)
+    # fast=False: LoRA targets need the separate Q/K/V projections that CUDA fast paths would fuse
+    gen = Generator.load(model_path, device=device, dtype=torch.float32 if cfg.full else None, fast=False)
     family = gen.family
     if cfg.train_text_encoder and not family.text_lora_targets:
         raise LightboothError(f"--train-text-encoder is not supported for {family.name} models (sd only)")
@@ -222,24 +223,12 @@ def make_trainable(cfg: DreamBoothConfig, family) -> None:
         family.denoiser.enable_gradient_checkpointing()
 
 
-def make_logger(name: str, run: Path):
-    from lightning.pytorch import loggers
-
-    if name == "tensorboard":
-        return loggers.TensorBoardLogger(str(run), name="logs", version="")
-    if name == "wandb":
-        return loggers.WandbLogger(save_dir=str(run), project="lightbooth", name=run.name)
-    if name == "mlflow":
-        return loggers.MLFlowLogger(experiment_name="lightbooth", run_name=run.name,
-                                    tracking_uri=(run / "mlruns").resolve().as_uri())
-    return False
-
-
 def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, callbacks=()) -> None:
     import lightning as L
 
     from .checkpoints import PeriodicCheckpoint, PlainProgress, run_fit
-    from .dreambooth_module import DreamBoothModule, LossLog, Validation, steps_bar
+    from .common import LossLog, make_logger, steps_bar
+    from .dreambooth_module import DreamBoothModule, Validation
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)

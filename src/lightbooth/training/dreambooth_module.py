@@ -7,7 +7,6 @@ would have seen, and N processes splitting a global batch see the same samples a
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import dataclass
@@ -20,25 +19,8 @@ import torch
 
 from ..errors import LightboothError
 from ..families.base import Cond
+from .common import StepEnd, draw_seed, stop_if_not_finite
 from .losses import prior_preservation_loss
-
-
-class NonFiniteLoss(LightboothError):
-    """The loss became NaN or infinite: training stops, the last good checkpoint stays."""
-
-
-def stop_if_not_finite(module: L.LightningModule, loss: torch.Tensor, run: Path) -> None:
-    """Raise NonFiniteLoss in every process when the loss is NaN or infinite in any (before the optimizer step, so
-    the checkpoints written so far stay good)."""
-    if bool(module.all_gather(~torch.isfinite(loss.detach())).any()):
-        raise NonFiniteLoss(f"the loss became {float(loss.detach())} at step {module.global_step + 1}; training "
-                            f"stopped and the checkpoints in {run / 'checkpoints'} are kept; lower --lr and start "
-                            "again with --overwrite")
-
-
-def draw_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy's SeedSequence hashing: nearby keys give unrelated streams)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def draws(seed: int, batch: int, position: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,43 +190,6 @@ class DreamBoothModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-class StepEnd(L.Callback):
-    """Calls `on_step` once per optimizer step (a step spans `accumulate_grad_batches` batches)."""
-
-    def __init__(self):
-        self._last = 0
-
-    def on_train_start(self, trainer, pl_module):
-        self._last = trainer.global_step  # a resumed run starts at its checkpoint's step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self._last:
-            self._last = trainer.global_step
-            self.on_step(trainer, pl_module)
-
-    def on_step(self, trainer, pl_module):
-        raise NotImplementedError
-
-
-class LossLog(StepEnd):
-    """RUN/losses.jsonl: the loss of every optimizer step (mean over micro-batches and processes)."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        self.path, self.micro = path, []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.micro.append(pl_module.last_loss)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_step(self, trainer, pl_module):
-        loss = trainer.strategy.reduce(torch.stack(self.micro).mean(), reduce_op="mean")
-        self.micro = []
-        if trainer.is_global_zero:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": trainer.global_step, "loss": float(loss)}) + "\n")
-
-
 class Validation(StepEnd):
     """Images of the validation prompts every `every` steps and at the end: RUN/validation/step-N/, TensorBoard."""
 
@@ -281,15 +226,3 @@ class Validation(StepEnd):
             if hasattr(trainer.logger, "experiment") and hasattr(trainer.logger.experiment, "add_image"):
                 trainer.logger.experiment.add_image(f"validation/{i}", np.asarray(im), step, dataformats="HWC")
         print(f"step {step}: validation images in {out}", file=sys.stderr, flush=True)
-
-
-def steps_bar():
-    """Lightning's progress bar counting toward max_steps (the batch stream is endless), with loss and ETA."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
-    class StepsBar(TQDMProgressBar):
-        @property
-        def total_train_batches(self):
-            return self.trainer.max_steps * self.trainer.accumulate_grad_batches
-
-    return StepsBar()

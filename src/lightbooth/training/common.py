@@ -1,0 +1,94 @@
+"""Pieces every trainer shares (DreamBooth, distillation): seeded draws, loss checks, loss log, progress, loggers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from ..errors import LightboothError
+
+LOGGERS = ("tensorboard", "wandb", "mlflow", "none")
+
+
+class NonFiniteLoss(LightboothError):
+    """The loss became NaN or infinite: training stops, the last good checkpoint stays."""
+
+
+def stop_if_not_finite(module: L.LightningModule, loss: torch.Tensor, run: Path) -> None:
+    """Raise NonFiniteLoss in every process when the loss is NaN or infinite in any (before the optimizer step, so
+    the checkpoints written so far stay good)."""
+    if bool(module.all_gather(~torch.isfinite(loss.detach())).any()):
+        raise NonFiniteLoss(f"the loss became {float(loss.detach())} at step {module.global_step + 1}; training "
+                            f"stopped and the checkpoints in {run / 'checkpoints'} are kept; lower --lr and start "
+                            "again with --overwrite")
+
+
+def draw_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence hashing: nearby keys give unrelated streams)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class StepEnd(L.Callback):
+    """Calls `on_step` once per optimizer step (a step spans `accumulate_grad_batches` batches)."""
+
+    def __init__(self):
+        self._last = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self._last = trainer.global_step  # a resumed run starts at its checkpoint's step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != self._last:
+            self._last = trainer.global_step
+            self.on_step(trainer, pl_module)
+
+    def on_step(self, trainer, pl_module):
+        raise NotImplementedError
+
+
+class LossLog(StepEnd):
+    """RUN/losses.jsonl: the loss of every optimizer step (mean over micro-batches and processes)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.micro = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.micro.append(pl_module.last_loss)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_step(self, trainer, pl_module):
+        loss = trainer.strategy.reduce(torch.stack(self.micro).mean(), reduce_op="mean")
+        self.micro = []
+        if trainer.is_global_zero:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": trainer.global_step, "loss": float(loss)}) + "\n")
+
+
+def make_logger(name: str, run: Path):
+    from lightning.pytorch import loggers
+
+    if name == "tensorboard":
+        return loggers.TensorBoardLogger(str(run), name="logs", version="")
+    if name == "wandb":
+        return loggers.WandbLogger(save_dir=str(run), project="lightbooth", name=run.name)
+    if name == "mlflow":
+        return loggers.MLFlowLogger(experiment_name="lightbooth", run_name=run.name,
+                                    tracking_uri=(run / "mlruns").resolve().as_uri())
+    return False
+
+
+def steps_bar():
+    """Lightning's progress bar counting toward max_steps (the batch stream is endless), with loss and ETA."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class StepsBar(TQDMProgressBar):
+        @property
+        def total_train_batches(self):
+            return self.trainer.max_steps * self.trainer.accumulate_grad_batches
+
+    return StepsBar()

@@ -1,0 +1,192 @@
+"""The Lightning side of distillation: prompts per step, adapter switching, and the two methods' training steps.
+
+One denoiser carries the frozen teacher (its base weights, personalisation LoRAs already fused in) and peft LoRA
+adapters: "student" (what is trained and shipped) and, for DMD, "fake" (the score of the student's own samples).
+Which one a forward pass uses is switched without touching `requires_grad`, so one backward pass can reach both
+(their losses never share a path: each sees only detached outputs of the other). Everything random in step g is
+a pure function of (seed, g), so a resumed run replays the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from ...families.base import Cond
+from ..common import draw_seed, stop_if_not_finite
+from ..losses import flow_matching_loss, mse, shifted_sigmas
+from . import methods
+
+STUDENT, FAKE = "student", "fake"
+
+
+@contextlib.contextmanager
+def adapter(model: torch.nn.Module, name: str | None):
+    """Run `model` with only adapter `name` active (None: no adapter, the teacher), restoring the previous state.
+
+    peft's own `set_adapter` also flips `requires_grad`, which would drop gradients already recorded for the
+    other adapter in this step; here only the routing changes.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    for m in layers:
+        m._disable_adapters = name is None
+        if name is not None:
+            m._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+class PromptSource:
+    """The prompts of step g: drawn from a list (a prompts file) or made by the shapes-world captioner."""
+
+    def __init__(self, prompts: list[str] | None, seed: int):
+        self.prompts, self.seed = prompts, seed
+
+    def batch(self, g: int, n: int) -> list[str]:
+        rng = np.random.default_rng([self.seed, 7, g])
+        if self.prompts:
+            return [self.prompts[int(i)] for i in rng.integers(0, len(self.prompts), n)]
+        from ...data import shapes
+
+        return [shapes.caption(shapes.sample_scene(rng), "en" if rng.random() < 0.5 else "zh", rng) for _ in range(n)]
+
+
+class Iterations(torch.utils.data.Sampler):
+    """Endless step numbers from `start` (a resumed run continues the sequence)."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def __iter__(self):
+        g = self.start
+        while True:
+            yield [g]
+            g += 1
+
+
+class _Ident(torch.utils.data.Dataset):
+    def __getitem__(self, g):
+        return g
+
+
+class DistillModule(L.LightningModule):
+    """Trains the student adapter of `family.denoiser` by `cfg.method` ("trajectory" or "dmd")."""
+
+    def __init__(self, cfg, family, teacher_preset, student_sigmas: torch.Tensor, size: tuple[int, int]):
+        super().__init__()
+        self.cfg, self.family, self.teacher = cfg, family, teacher_preset
+        self.denoiser = family.denoiser.train()
+        self.student_sigmas, (self.width, self.height) = student_sigmas, size
+        self.prompts = PromptSource(read_prompts(cfg.prompts_file), cfg.seed)
+        self.strict_loading = False  # checkpoints hold only the adapters
+        self.last_loss: torch.Tensor | None = None
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(_Ident(), batch_sampler=Iterations(self.trainer.global_step),
+                                           collate_fn=lambda b: b[0])
+
+    # --- pieces ------------------------------------------------------------------------------------------------
+    def conds(self, prompts: list[str]) -> tuple[Cond, Cond | None]:
+        """Prompt and negative-prompt encodings (plain tensors, usable under autograd)."""
+        def plain(c: Cond) -> Cond:
+            return Cond(c.embeds.clone(), None if c.mask is None else c.mask.clone())
+
+        cond = plain(self.family.encode(prompts))
+        uncond = plain(self.family.encode([""] * len(prompts))) if self.teacher.guidance != 1 else None
+        return cond, uncond
+
+    def velocity(self, cond: Cond, uncond: Cond | None = None, guidance: float = 1.0):
+        """A velocity function of the denoiser as currently routed (see `adapter`)."""
+        return lambda x, s: self.family.velocity(x, cond, s, self.width, self.height, uncond, guidance)
+
+    def noise(self, g: int, n: int, stream: int) -> torch.Tensor:
+        return torch.cat([self.family.noise(draw_seed(self.cfg.seed, g, stream, i), self.width, self.height)
+                          for i in range(n)]).float().to(self.device)
+
+    def levels(self, g: int, n: int, stream: int) -> torch.Tensor:
+        """Noise levels for re-noising, spread like the teacher's training (the student's shift)."""
+        u = torch.rand(n, generator=torch.Generator().manual_seed(draw_seed(self.cfg.seed, g, stream)))
+        return shifted_sigmas(u.clamp(0.02, 0.98), shift=self.cfg.shift).to(self.device)
+
+    # --- the methods -------------------------------------------------------------------------------------------
+    def trajectory_step(self, g: int, cond: Cond, uncond: Cond | None) -> torch.Tensor:
+        """Teacher ODE (its own sampler grid, CFG) through the student's sigmas; student regresses each segment."""
+        n, k = len(cond.embeds), len(self.student_sigmas) - 1
+        grid, where = methods.merged_schedule(self.teacher_sigmas(), self.student_sigmas)
+        with adapter(self.denoiser, None):
+            states = methods.ode_states(self.velocity(cond, uncond, self.teacher.guidance), self.noise(g, n, 0),
+                                        grid.to(self.device), where)
+        targets = methods.trajectory_targets(states, self.student_sigmas)
+        x = torch.cat(states[:-1])  # (k*B, ...): every segment of every sample in one forward
+        s = torch.cat([self.student_sigmas[i].expand(n) for i in range(k)]).to(self.device)
+        rep = Cond.cat([cond] * k)
+        with adapter(self.denoiser, STUDENT):
+            v = self.family.velocity(x, rep, s, self.width, self.height)
+        return mse(v, torch.cat(targets))
+
+    def dmd_step(self, g: int, cond: Cond, uncond: Cond | None) -> torch.Tensor:
+        """One critic (fake score) update every step; a generator update every `fake_updates` steps."""
+        n, k = len(cond.embeds), len(self.student_sigmas) - 1
+        gen_turn = g % self.cfg.fake_updates == 0
+        j = int(np.random.default_rng([self.cfg.seed, 5, g]).integers(0, k))  # which step to train (backward sim.)
+        with adapter(self.denoiser, STUDENT), torch.set_grad_enabled(gen_turn):
+            x0 = methods.student_sample(self.velocity(cond), self.noise(g, n, 0), self.student_sigmas.to(self.device),
+                                        stop=j, grad_at=j)
+        loss = x0.new_zeros(())
+        if gen_turn:
+            t = self.levels(g, n, 1)
+            xt = methods.renoise(x0.detach(), self.noise(g, n, 1), t)
+            with torch.no_grad():
+                with adapter(self.denoiser, None):
+                    real = methods.x0_estimate(xt, self.velocity(cond, uncond, self.teacher.guidance)(xt, t), t)
+                with adapter(self.denoiser, FAKE):
+                    fake = methods.x0_estimate(xt, self.velocity(cond)(xt, t), t)
+            loss = loss + methods.dmd_loss(x0, real, fake)
+        t2, n2 = self.levels(g, n, 2), self.noise(g, n, 2)
+        clean = x0.detach()
+        with adapter(self.denoiser, FAKE):  # the fake score learns the student's current distribution
+            v = self.velocity(cond)(methods.renoise(clean, n2, t2), t2)
+        return loss + flow_matching_loss(v, clean, n2)
+
+    def teacher_sigmas(self) -> torch.Tensor:
+        return self.family.schedule(self.teacher, self.family.image_tokens(self.width, self.height))
+
+    # --- Lightning -----------------------------------------------------------------------------------------------
+    def training_step(self, g, _):
+        cond, uncond = self.conds(self.prompts.batch(g, self.cfg.batch_size))
+        step = self.dmd_step if self.cfg.method == "dmd" else self.trajectory_step
+        loss = step(g, cond, uncond)
+        stop_if_not_finite(self, loss, Path(self.cfg.out))
+        self.last_loss = loss.detach()
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        groups = [{"params": [p for n, p in self.denoiser.named_parameters() if f".{STUDENT}." in n],
+                   "lr": self.cfg.lr}]
+        fake = [p for n, p in self.denoiser.named_parameters() if f".{FAKE}." in n]
+        if fake:
+            groups.append({"params": fake, "lr": self.cfg.fake_lr})
+        return torch.optim.AdamW(groups, weight_decay=0.0)  # params without a gradient this step are skipped
+
+    def on_save_checkpoint(self, checkpoint):
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def read_prompts(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    from ...batch import prompt_lines
+
+    return list(prompt_lines(Path(path)))

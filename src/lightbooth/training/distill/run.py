@@ -1,0 +1,163 @@
+"""`train_distill(config)`: turn a model (a personalised one included) into a few-step LoRA.
+
+Reads top to bottom: load the teacher (LoRAs fused in), add the student (and for DMD the fake-score) adapters, fit
+with Lightning, write RUN/lora.safetensors in the released Lightning files' key format (kohya lora_down / lora_up /
+alpha, dotted module names) with the student's sampling schedule in its metadata, which `lightbooth generate
+--lora` picks up by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...errors import LightboothError
+from ..common import LOGGERS
+
+METHODS = ("dmd", "trajectory")
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "logger", "threads"}
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run. Every field is a YAML key and a CLI flag (`student_steps` is `--student-steps`)."""
+
+    out: str = ""  # the run folder
+    model: str | None = None  # the teacher: diffusers folder or cached hub id; None: the built-in model
+    loras: list[str] = dataclasses.field(default_factory=list)  # fused into the teacher, e.g. a DreamBooth LoRA
+    method: str = "dmd"  # dmd (distribution matching, DMD2-style) or trajectory (regression onto teacher ODE steps)
+    student_steps: int = 4  # 1, 2, 4 or 8 sampling steps for the student
+    shift: float = 3.0  # the student's fixed flow shift (Qwen-Image-Lightning uses 3)
+    teacher_preset: str | None = None  # the teacher's sampling preset; None: the model's default
+    teacher_steps: int | None = None  # override the preset's steps (trajectory targets are solved on this grid)
+    teacher_guidance: float | None = None  # override the preset's CFG scale (distilled into the student)
+    prompts_file: str | None = None  # one prompt per line; None: shapes-world captions, English and Chinese
+    width: int | None = None  # None: the model's default size
+    height: int | None = None
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # prompts per step
+    lr: float = 1e-4  # student LoRA
+    fake_lr: float = 1e-4  # DMD's fake-score LoRA
+    fake_updates: int = 5  # DMD: fake-score updates per student update (DMD2's two time-scale rule)
+    rank: int = 16  # LoRA rank of the student (and of the fake score)
+    alpha: float | None = None  # LoRA alpha; None: equal to the rank
+    checkpoint_every: int = 100
+    keep: int = 2  # checkpoints kept
+    logger: str = "tensorboard"  # tensorboard, wandb, mlflow or none
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0: all cores
+
+
+def check_config(cfg: DistillConfig) -> None:
+    if not cfg.out:
+        raise LightboothError("no run folder given; pass --out RUN")
+    if cfg.method not in METHODS:
+        raise LightboothError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.student_steps not in (1, 2, 4, 8):
+        raise LightboothError(f"--student-steps must be 1, 2, 4 or 8 (got {cfg.student_steps})")
+    for name in ("steps", "batch_size", "rank", "fake_updates", "checkpoint_every", "keep"):
+        if getattr(cfg, name) < 1:
+            raise LightboothError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.shift <= 0:
+        raise LightboothError(f"--shift must be positive (got {cfg.shift})")
+    if cfg.logger not in LOGGERS:
+        raise LightboothError(f"unknown logger {cfg.logger!r}; use one of {', '.join(LOGGERS)}")
+
+
+def student_preset(cfg: DistillConfig):
+    from ...families.base import Preset
+
+    return Preset(steps=cfg.student_steps, guidance=1.0, sampler="flow_euler", shift=cfg.shift)
+
+
+def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Run (or resume) a distillation; returns the LoRA file's path."""
+    from ...generate import Generator
+    from ...models import resolve_model
+    from ...sampling import schedules
+    from ..checkpoints import newest_valid_checkpoint, prepare_run_folder
+
+    check_config(cfg)
+    run = Path(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ckpt_path = None
+    if resume:
+        ckpt_path = newest_valid_checkpoint(run / "checkpoints") if resume == "auto" else Path(resume)
+        if resume != "auto" and not ckpt_path.is_file():
+            raise LightboothError(f"checkpoint {resume} not found; pass a step-*.ckpt file or --resume auto")
+    gen = Generator.load(cfg.model, loras=tuple(cfg.loras), device="cuda" if torch.cuda.is_available() else "cpu",
+                         dtype=torch.float32, fast=False)  # fp32, separate Q/K/V: the adapters train on them
+    family = gen.family
+    if not family.flow_matching:
+        raise LightboothError(f"distillation supports flow-matching models (qwen-image) for now; {family.name} "
+                              "is not one")
+    teacher = gen.settings(preset=cfg.teacher_preset, steps=cfg.teacher_steps, guidance=cfg.teacher_guidance,
+                           width=cfg.width, height=cfg.height)
+    prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES)
+    add_adapters(cfg, family)
+    sigmas = schedules.flow_sigmas(cfg.student_steps, shift=cfg.shift).float()
+    fit(cfg, family, teacher.preset, sigmas, (teacher.width, teacher.height), run, ckpt_path)
+    return export(cfg, family, resolve_model(cfg.model), teacher, run)
+
+
+def add_adapters(cfg: DistillConfig, family) -> None:
+    """The student adapter (zero-initialised: it starts as the teacher run without CFG), and DMD's fake score."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from .module import FAKE, STUDENT
+
+    torch.manual_seed(cfg.seed)
+    names = (STUDENT, FAKE) if cfg.method == "dmd" else (STUDENT,)
+    for name in names:
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=list(family.lora_targets),
+                          lora_dropout=0.0, init_lora_weights=True)
+        inject_adapter_in_model(lora, family.denoiser, adapter_name=name)
+    for n, p in family.denoiser.named_parameters():
+        p.requires_grad_(any(f".{name}." in n for name in names))
+
+
+def fit(cfg: DistillConfig, family, teacher_preset, sigmas, size, run: Path, ckpt_path: Path | None) -> None:
+    import lightning as L
+
+    from ..checkpoints import PeriodicCheckpoint, PlainProgress, run_fit
+    from ..common import LossLog, make_logger, steps_bar
+    from .module import DistillModule
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    ckpt = PeriodicCheckpoint(run / "checkpoints", cfg.checkpoint_every, cfg.keep)
+    tty = sys.stderr.isatty()
+    trainer = L.Trainer(
+        max_steps=cfg.steps, max_epochs=-1, accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=1,
+        precision="32-true", logger=make_logger(cfg.logger, run),
+        callbacks=[ckpt, LossLog(run / "losses.jsonl"), steps_bar() if tty else PlainProgress()],
+        gradient_clip_val=1.0, use_distributed_sampler=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=tty, num_sanity_val_steps=0,
+        log_every_n_steps=min(50, cfg.steps))
+    run_fit(trainer, DistillModule(cfg, family, teacher_preset, sigmas, size), ckpt, ckpt_path)
+
+
+def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> Path:
+    """RUN/lora.safetensors: the student in kohya keys, its schedule (`lightbooth_preset`) and provenance."""
+    from ...lora import from_peft_model, save_lora
+    from .module import STUDENT
+
+    weights = from_peft_model(family.denoiser_name, family.denoiser, adapter_name=STUDENT)
+    meta = {
+        "lightbooth_preset": json.dumps(dataclasses.asdict(student_preset(cfg))),
+        "lightbooth_distill": json.dumps({
+            "method": cfg.method, "teacher": str(model_path), "teacher_loras": cfg.loras,
+            "teacher_preset": dataclasses.asdict(teacher.preset), "steps": cfg.steps, "seed": cfg.seed}),
+    }
+    path = run / "lora.safetensors"
+    save_lora(path, weights, format="kohya", metadata=meta)
+    return path

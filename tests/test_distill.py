@@ -1,0 +1,186 @@
+"""Few-step distillation: the maths against closed forms, adapter routing, and whole runs on a tiny Qwen-Image."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from lightbooth import Generator
+from lightbooth.errors import LightboothError
+from lightbooth.safeload import validate_safetensors
+from lightbooth.sampling import schedules
+from lightbooth.training.distill import methods
+from lightbooth.training.distill.module import FAKE, STUDENT, adapter
+from lightbooth.training.distill.run import DistillConfig, add_adapters, train_distill
+
+
+def test_merged_schedule_keeps_both_grids_and_finds_the_students_points():
+    teacher, student = schedules.flow_sigmas(8, shift=1.0), schedules.flow_sigmas(4, shift=3.0)
+    grid, where = methods.merged_schedule(teacher, student)
+    assert (grid[:-1] > grid[1:]).all() and grid[0] == 1 and grid[-1] == 0
+    assert torch.allclose(grid[where], student.float(), atol=1e-6)
+    assert len(grid) == len({round(float(s), 6) for s in torch.cat([teacher, student])})
+
+
+def test_ode_states_and_trajectory_targets_reproduce_the_teachers_euler_path():
+    a = torch.randn(3, 5)  # a linear velocity field v = a * x: Euler is x_{i+1} = x_i (1 + a ds)
+    vel = lambda x, s: a * x  # noqa: E731
+    x0 = torch.randn(3, 5)
+    grid = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.0])
+    states = methods.ode_states(vel, x0, grid, [0, 2, 4])
+    expect = x0.clone()
+    for i in range(4):
+        expect = expect * (1 + a * float(grid[i + 1] - grid[i]))
+    assert torch.allclose(states[2], expect, atol=1e-6) and torch.equal(states[0], x0)
+    student = grid[[0, 2, 4]]
+    targets = methods.trajectory_targets(states, student)
+    x = states[0]  # a student that outputs the targets lands exactly on the teacher's states
+    for i, v in enumerate(targets):
+        x = x + float(student[i + 1] - student[i]) * v
+        assert torch.allclose(x, states[i + 1], atol=1e-6)
+
+
+def test_student_sample_backpropagates_only_through_the_chosen_step():
+    w = torch.tensor(0.5, requires_grad=True)
+    calls = []
+
+    def vel(x, s):
+        calls.append(torch.is_grad_enabled())
+        return w * x
+
+    noise, sigmas = torch.randn(2, 4), torch.tensor([1.0, 0.6, 0.2, 0.0])
+    x0 = methods.student_sample(vel, noise, sigmas, stop=2, grad_at=2)
+    assert calls == [False, False, True] and x0.requires_grad
+    x1 = (noise * (1 - 0.4 * 0.5)) * (1 - 0.4 * 0.5)  # two Euler steps, then x0 = x - s v
+    assert torch.allclose(x0, x1 - 0.2 * 0.5 * x1, atol=1e-6)
+    calls.clear()
+    full = methods.student_sample(vel, noise, sigmas)  # every step: the last Euler step is the x0 estimate
+    assert calls == [False, False, False] and not full.requires_grad
+
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference():
+    x0 = torch.randn(2, 3, 4, requires_grad=True)
+    real, fake = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    methods.dmd_loss(x0, real, fake).backward()
+    scale = (x0.detach() - real).abs().mean(dim=(1, 2), keepdim=True)
+    assert torch.allclose(x0.grad, (fake - real) / scale / x0.numel(), atol=1e-6)
+    # descending it moves the sample toward the teacher's estimate and away from the fake score's
+    moved = x0.detach() - 0.1 * x0.grad * x0.numel()
+    assert ((moved - x0.detach()) * (real - fake)).sum() > 0
+
+
+def test_adapter_routing_switches_layers_without_touching_requires_grad(qwen_dir):
+    gen = Generator.load(qwen_dir, device="cpu")
+    add_adapters(DistillConfig(out="x", method="dmd", rank=2), gen.family)
+    den = gen.family.denoiser
+    with torch.no_grad():
+        for n, p in den.named_parameters():
+            if f"lora_B.{FAKE}." in n:
+                p.normal_()
+    grads = {n: p.requires_grad for n, p in den.named_parameters()}
+    x, cond = torch.randn(1, 64, 16), gen.encode(["a red circle"])
+    out = {}
+    for name in (None, STUDENT, FAKE):
+        with adapter(den, name), torch.no_grad():
+            out[name] = gen.family.velocity(x, cond, torch.tensor(0.5), 64, 64)
+    assert torch.equal(out[None], out[STUDENT])  # the student starts as the teacher (zero LoRA B)
+    assert not torch.allclose(out[None], out[FAKE])
+    assert grads == {n: p.requires_grad for n, p in den.named_parameters()}
+    assert sum(grads.values()) == sum(p.numel() > 0 for n, p in den.named_parameters() if "lora_" in n)
+
+
+def run_cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path / "run"), steps=2, batch_size=2, rank=4, teacher_steps=4, logger="none",
+                checkpoint_every=1, keep=5, student_steps=2)
+    return DistillConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method", ["trajectory", "dmd"])
+def test_distill_writes_a_lightning_format_lora_that_generate_and_diffusers_load(method, qwen_dir, tmp_path):
+    path = train_distill(run_cfg(tmp_path, model=str(qwen_dir), method=method))
+    assert path == tmp_path / "run" / "lora.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
+    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in keys} == {"lora_down", "lora_up",
+                                                                                         "alpha"}
+    meta = validate_safetensors(path)
+    assert json.loads(meta["lightbooth_preset"]) == {"steps": 2, "guidance": 1.0, "sampler": "flow_euler",
+                                                     "shift": 3.0}
+    assert json.loads(meta["lightbooth_distill"])["method"] == method
+    gen = Generator.load(qwen_dir, loras=[path], device="cpu")  # a Path works as well as a string
+    s = gen.settings()
+    assert (s.preset_name, s.preset.steps, s.preset.guidance, s.preset.shift) == ("lora", 2, 1.0, 3.0)
+    img = gen("a red circle", seed=0)[0]
+    assert img.size == (64, 64) and json.loads(img.info["lightbooth"])["steps"] == 2
+
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(str(qwen_dir))
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    ours = dict(gen.family.denoiser.named_parameters())
+    for n, p in pipe.transformer.named_parameters():
+        if "lora_" not in n and n.replace(".base_layer", "") in ours:
+            assert torch.allclose(p, ours[n.replace(".base_layer", "")], atol=1e-5), n
+    lines = (tmp_path / "run" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+
+
+def test_a_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(qwen_dir, tmp_path):
+    straight = train_distill(run_cfg(tmp_path / "a", model=str(qwen_dir), method="dmd", steps=4, fake_updates=2))
+    train_distill(run_cfg(tmp_path / "b", model=str(qwen_dir), method="dmd", steps=2, fake_updates=2))
+    resumed = train_distill(run_cfg(tmp_path / "b", model=str(qwen_dir), method="dmd", steps=4, fake_updates=2),
+                            resume="auto")
+    with safe_open(str(straight), "pt") as a, safe_open(str(resumed), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    losses = lambda r: [json.loads(x)["loss"] for x in (r.parent / "losses.jsonl").read_text().splitlines()]  # noqa
+    assert losses(straight) == losses(resumed)
+
+
+def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(qwen_dir, tmp_path):
+    prompts, seeds = ["a red circle", "三个绿色三角形", "a blue square on the left"], [0, 1]
+
+    def gap(student: Generator, **kw) -> float:
+        a = teacher(prompts, seed=seeds, num_images=2, steps=4, guidance=4.0)
+        b = student(prompts, seed=seeds, num_images=2, **kw)
+        return float(np.mean([np.abs(np.asarray(x, float) - np.asarray(y, float)).mean() for x, y in zip(a, b)]))
+
+    teacher = Generator.load(qwen_dir, device="cpu")
+    before = gap(teacher, steps=2, guidance=1.0, preset="lightning")
+    path = train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", steps=30, lr=1e-3, rank=8,
+                                 teacher_guidance=4.0, checkpoint_every=100, seed=1))
+    after = gap(Generator.load(qwen_dir, loras=[str(path)], device="cpu"))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_distill_refuses_bad_settings_and_non_flow_models(qwen_dir, sd_dir, tmp_path):
+    with pytest.raises(LightboothError, match="student-steps"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), student_steps=3))
+    with pytest.raises(LightboothError, match="unknown method"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="magic"))
+    with pytest.raises(LightboothError, match="flow-matching"):
+        train_distill(run_cfg(tmp_path, model=str(sd_dir)))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_distill_command_line_runs_and_rejects_bad_input_in_one_line(qwen_dir, tmp_path, capsys):
+    from lightbooth.cli import main
+
+    run = tmp_path / "cli"
+    args = ["distill", "--model", str(qwen_dir), "--out", str(run), "--steps", "1", "--batch-size", "1",
+            "--teacher-steps", "2", "--student-steps", "1", "--method", "trajectory", "--logger", "none",
+            "--threads", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith("lora.safetensors") and (run / "lora.safetensors").is_file()
+    assert (run / "config.yaml").is_file()
+    assert main(args) == 2  # the run folder exists: refused, nothing touched
+    err = capsys.readouterr().err
+    assert "already exists" in err and len(err.strip().splitlines()) == 1
+    assert main([*args[:-6], "--method", "magic", "--overwrite"]) == 2
+    assert "unknown method" in capsys.readouterr().err and (run / "lora.safetensors").is_file()
