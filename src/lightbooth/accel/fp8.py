@@ -60,8 +60,7 @@ def fp8_matmul(x: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, bias: t
     xq, x_scale = _quantize_fn(x.device)(x)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     out = torch._scaled_mm(xq, w8.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
-                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
-                           use_fast_accum=Fp8Linear.fast_accum)
+                           bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype)
     return out.to(x.dtype)
 
 
@@ -100,7 +99,6 @@ class Fp8Linear(nn.Linear):
     """
 
     compile_quantizer = True  # fuse activation quantization on CUDA (set False to debug eagerly)
-    fast_accum = False  # Hopper's faster fp8 accumulation (fewer rounding-safe partial sums); off: stock precision
 
     def __init__(self, linear: nn.Linear, mode: str = "fp8"):
         nn.Module.__init__(self)

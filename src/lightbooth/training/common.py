@@ -27,6 +27,24 @@ def stop_if_not_finite(module: L.LightningModule, loss: torch.Tensor, run: Path)
                             "again with --overwrite")
 
 
+class _Specs(torch.utils.data.Dataset):
+    def __getitem__(self, spec):
+        return spec
+
+
+def _first(items):
+    return items[0]
+
+
+def spec_loader(sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoader:
+    """A loader that hands each item `sampler` yields (a one-item list: a step's spec) to training_step as is.
+
+    The trainers compute their batches from the step number, so the loader only paces them; a resumed run
+    starts its sampler at the restored step.
+    """
+    return torch.utils.data.DataLoader(_Specs(), batch_sampler=sampler, collate_fn=_first)
+
+
 def draw_seed(*keys: int) -> int:
     """A 63-bit seed from integer keys (numpy's SeedSequence hashing: nearby keys give unrelated streams)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))

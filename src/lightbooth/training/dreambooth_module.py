@@ -19,7 +19,7 @@ import torch
 
 from ..errors import LightboothError
 from ..families.base import Cond
-from .common import StepEnd, draw_seed, stop_if_not_finite
+from .common import StepEnd, draw_seed, spec_loader, stop_if_not_finite
 from .losses import prior_preservation_loss
 
 
@@ -102,15 +102,6 @@ class StepBatches(torch.utils.data.Sampler):
             g += 1
 
 
-def _first(items):
-    return items[0]
-
-
-class _Specs(torch.utils.data.Dataset):
-    def __getitem__(self, spec):
-        return spec
-
-
 class DreamBoothModule(L.LightningModule):
     """LoRA or full fine-tuning of the family's denoiser (and optionally text encoder) on cached latents."""
 
@@ -127,7 +118,7 @@ class DreamBoothModule(L.LightningModule):
         sampler = StepBatches(self.data.groups(), len(self.data.classes), self.cfg.batch_size, self.cfg.seed,
                               start=t.global_step * t.accumulate_grad_batches, rank=t.global_rank,
                               world=t.world_size)
-        return torch.utils.data.DataLoader(_Specs(), batch_sampler=sampler, collate_fn=_first)
+        return spec_loader(sampler)
 
     def encode(self, prompts: list[str]) -> Cond:
         if self.text_encoder is not None:

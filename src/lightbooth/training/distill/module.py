@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ...families.base import Cond
-from ..common import draw_seed, stop_if_not_finite
+from ..common import draw_seed, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
 from . import methods
 
@@ -74,11 +74,6 @@ class Iterations(torch.utils.data.Sampler):
             g += 1
 
 
-class _Ident(torch.utils.data.Dataset):
-    def __getitem__(self, g):
-        return g
-
-
 class DistillModule(L.LightningModule):
     """Trains the student adapter of `family.denoiser` by `cfg.method` ("trajectory" or "dmd")."""
 
@@ -90,19 +85,26 @@ class DistillModule(L.LightningModule):
         self.prompts = PromptSource(read_prompts(cfg.prompts_file), cfg.seed)
         self.strict_loading = False  # checkpoints hold only the adapters
         self.last_loss: torch.Tensor | None = None
+        self._encoded: dict[str, Cond] = {}  # the negative prompt, and a prompts file's prompts (a finite set)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(_Ident(), batch_sampler=Iterations(self.trainer.global_step),
-                                           collate_fn=lambda b: b[0])
+        return spec_loader(Iterations(self.trainer.global_step))
 
     # --- pieces ------------------------------------------------------------------------------------------------
     def conds(self, prompts: list[str]) -> tuple[Cond, Cond | None]:
-        """Prompt and negative-prompt encodings (plain tensors, usable under autograd)."""
-        def plain(c: Cond) -> Cond:
-            return Cond(c.embeds.clone(), None if c.mask is None else c.mask.clone())
+        """Prompt and negative-prompt encodings, each prompt encoded alone as generation does it (plain tensors,
+        usable under autograd). Generated captions are rarely seen twice, so only a finite set is cached."""
+        def encode(p: str) -> Cond:
+            if p in self._encoded:
+                return self._encoded[p]
+            c = self.family.encode([p])
+            c = Cond(c.embeds.clone(), None if c.mask is None else c.mask.clone())
+            if p == "" or self.prompts.prompts:
+                self._encoded[p] = c
+            return c
 
-        cond = plain(self.family.encode(prompts))
-        uncond = plain(self.family.encode([""] * len(prompts))) if self.teacher.guidance != 1 else None
+        cond = Cond.cat([encode(p) for p in prompts])
+        uncond = Cond.cat([encode("")] * len(prompts)) if self.teacher.guidance != 1 else None
         return cond, uncond
 
     def velocity(self, cond: Cond, uncond: Cond | None = None, guidance: float = 1.0):
