@@ -3,6 +3,7 @@ the work over several devices with Lightning Fabric (one process per device, eac
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -72,7 +73,19 @@ def _worker(fabric, load_kwargs: dict, prompts, prompts_file, seed, num_images, 
     source = prompt_lines(prompts_file) if prompts_file else prompts
     jobs = stream_jobs(source, seed, num_images)
     write_images(gen, jobs, s, Path(out), batch_size, fabric.global_rank, fabric.world_size,
-                 lambda p, skipped: print(p, flush=True))
+                 _print_line)
+
+
+def report_line(path: Path, skipped: bool) -> str:
+    """The stdout line for one image, the same from one process or several."""
+    return f"{path}" + ("  (exists, skipped)" if skipped else "")
+
+
+def _print_line(path: Path, skipped: bool) -> None:
+    # one write() per line: processes share the stdout pipe, and a separate newline write can interleave with
+    # another process's line (seen in CI under PYTHONUNBUFFERED)
+    sys.stdout.write(report_line(path, skipped) + "\n")
+    sys.stdout.flush()
 
 
 def generate_distributed(devices: int, accelerator: str, **kwargs) -> None:

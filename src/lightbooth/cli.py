@@ -46,7 +46,7 @@ def generate(
     devices: int = typer.Option(0, help="Processes for --prompts-file (default: every GPU, else 1)."),
 ):
     """Generate images: one PNG per prompt x seed in OUT, each path printed as it is written."""
-    from .batch import generate_distributed, prompt_lines, stream_jobs, write_images
+    from .batch import generate_distributed, prompt_lines, report_line, stream_jobs, write_images
     from .generate import Generator, check_prompts, save_dir_ready
 
     if prompts and prompts_file:
@@ -78,7 +78,7 @@ def generate(
     total = (sum(1 for _ in prompt_lines(prompts_file)) if prompts_file else len(prompts)) * num_images
     with _progress(total) as advance:
         def report(path, skipped):
-            typer.echo(f"{path}" + ("  (exists, skipped)" if skipped else ""))
+            typer.echo(report_line(path, skipped))
             advance()
 
         write_images(gen, stream_jobs(source, seed, num_images), s, out, batch_size, report=report)
