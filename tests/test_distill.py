@@ -1,4 +1,4 @@
-"""Few-step distillation: the maths against closed forms, adapter routing, and whole runs on a tiny Qwen-Image."""
+"""Few-step distillation: the maths against closed forms, adapter routing, and whole runs on tiny Qwen-Image and SD."""
 
 import json
 
@@ -9,8 +9,10 @@ from safetensors import safe_open
 
 from lightbooth import Generator
 from lightbooth.errors import LightboothError
+from lightbooth.families.base import Cond, Family, Preset, can_distill
+from lightbooth.generate import Job
 from lightbooth.safeload import validate_safetensors
-from lightbooth.sampling import schedules
+from lightbooth.sampling import samplers, schedules
 from lightbooth.training.distill import methods
 from lightbooth.training.distill.module import FAKE, STUDENT, adapter
 from lightbooth.training.distill.run import DistillConfig, add_adapters, train_distill
@@ -158,14 +160,13 @@ def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(
     assert after < 0.8 * before, (before, after)
 
 
-def test_distill_refuses_bad_settings_and_non_flow_models(qwen_dir, sd_dir, tmp_path):
+def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
     with pytest.raises(LightboothError, match="student-steps"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), student_steps=3))
     with pytest.raises(LightboothError, match="unknown method"):
-        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="magic"))
-    with pytest.raises(LightboothError, match="flow-matching"):
-        train_distill(run_cfg(tmp_path, model=str(sd_dir)))
+        train_distill(run_cfg(tmp_path, model=str(sd_dir), method="magic"))
     assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert can_distill(Generator.load(sd_dir, device="cpu").family) and not can_distill(Family.__new__(Family))
 
 
 def test_distill_command_line_runs_and_rejects_bad_input_in_one_line(qwen_dir, tmp_path, capsys):
@@ -184,3 +185,132 @@ def test_distill_command_line_runs_and_rejects_bad_input_in_one_line(qwen_dir, t
     assert "already exists" in err and len(err.strip().splitlines()) == 1
     assert main([*args[:-6], "--method", "magic", "--overwrite"]) == 2
     assert "unknown method" in capsys.readouterr().err and (run / "lora.safetensors").is_file()
+
+
+# --- Stable Diffusion: the UNet as a rectified flow ------------------------------------------------------------------
+def _ddpm_x0(family, out, x, a):
+    """The UNet's own clean estimate, written out from the DDPM definitions (Ho et al. eq. 4; Salimans & Ho sec. 4)."""
+    if family.prediction == "v_prediction":
+        return a**0.5 * x - (1 - a) ** 0.5 * out
+    return (x - (1 - a) ** 0.5 * out) / a**0.5
+
+
+@pytest.mark.parametrize("model", ["sd_dir", "sd_v_dir"])
+def test_sd_velocity_is_the_unets_own_prediction_at_the_matching_timestep(model, request):
+    gen = Generator.load(request.getfixturevalue(model), device="cpu")
+    fam = gen.family
+    ts = torch.tensor([999, 500, 37])
+    a = fam.ac[ts]
+    s = schedules.flow_sigma(a)
+    assert torch.allclose(schedules.ddpm_timestep(fam.ac, s), ts.float(), atol=1e-3)
+    assert torch.allclose(schedules.vp_alpha(s), a, rtol=1e-5) and abs(float(s[0]) - fam.sigma_max) < 1e-6
+    torch.manual_seed(0)
+    xt = torch.randn(3, 4, 8, 8)  # DDPM states at the three timesteps
+    c3 = Cond(gen.encode(["a red circle"]).embeds.expand(3, -1, -1))
+    with torch.no_grad():
+        v = fam.velocity(xt / schedules.vp_scale(s).view(-1, 1, 1, 1), c3, s, 16, 16)
+        x0_flow = methods.x0_estimate(xt / schedules.vp_scale(s).view(-1, 1, 1, 1), v, s)
+        out = fam.denoiser(xt, ts, encoder_hidden_states=c3.embeds, return_dict=False)[0]
+    assert torch.allclose(x0_flow, _ddpm_x0(fam, out, xt, a.view(-1, 1, 1, 1)), rtol=1e-4, atol=1e-4)
+    # guided: CFG on the UNet output, as the DDIM sampler does it (the velocity is linear in that output)
+    unc = Cond.cat([gen.encode([""])] * 3)
+    with torch.no_grad():
+        vg = fam.velocity(xt / schedules.vp_scale(s).view(-1, 1, 1, 1), c3, s, 16, 16, unc, 5.0)
+        vu = fam.velocity(xt / schedules.vp_scale(s).view(-1, 1, 1, 1), unc, s, 16, 16)
+    assert torch.allclose(vg, vu + 5.0 * (v - vu), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["sd_dir", "sd_v_dir"])
+def test_sd_ddim_is_flow_euler_on_its_own_levels_and_a_fine_flow_grid_matches_its_samplers(model, request):
+    gen = Generator.load(request.getfixturevalue(model), device="cpu")
+    fam = gen.family
+    cond, unc, x = gen.encode(["a red circle"]), gen.encode([""]), fam.noise(0, 16, 16)
+
+    def flow(grid):  # the teacher's ODE in flow coordinates from DDPM unit noise, back to DDPM scale at the end
+        vel = lambda y, i: fam.velocity(y, cond, grid[i], 16, 16, unc, 3.0)  # noqa: E731
+        with torch.inference_mode():
+            y = samplers.flow_euler(vel, x / schedules.vp_scale(grid[0]), grid)
+        return y * schedules.vp_scale(grid[-1])
+
+    ddim = fam.sample(x, cond, unc, Preset(10, 3.0, "ddim"), 16, 16)
+    levels = fam.schedule(Preset(10, 3.0, "ddim"))
+    levels[-1] = schedules.flow_sigma(fam.ac[0])  # this DDIM lands on alpha_0 (set_alpha_to_one=False), not 0
+    assert torch.allclose(flow(levels), ddim, rtol=1e-4, atol=1e-4)
+    # a different discretisation of the same ODE: flow Euler on 200 even levels vs the Euler sampler's 100 steps
+    euler = fam.sample(x, cond, unc, Preset(100, 3.0, "euler"), 16, 16)
+    fine = flow(torch.linspace(float(fam.schedule(Preset(100, 3.0, "euler"))[0]), 0, 201))
+    assert (fine - euler).abs().mean() < 0.02 * euler.abs().mean(), ((fine - euler).abs().mean(), euler.abs().mean())
+
+
+def test_sd_student_schedule_starts_at_the_top_trained_level(sd_dir):
+    fam = Generator.load(sd_dir, device="cpu").family
+    sig = fam.schedule(Preset(4, 1.0, "flow_euler", shift=2.0))
+    assert torch.allclose(sig, schedules.flow_sigmas(4, shift=2.0) * fam.sigma_max)
+    assert torch.allclose(schedules.ddpm_timestep(fam.ac, sig[:-1]), torch.tensor([999.0, 748.0, 507.0, 211.0]),
+                          atol=1.0)
+
+
+@pytest.mark.parametrize("method,model", [("trajectory", "sd_dir"), ("dmd", "sd_v_dir")])
+def test_sd_distill_writes_a_kohya_lora_that_generate_and_diffusers_load(method, model, request, tmp_path, capsys):
+    model_dir = request.getfixturevalue(model)
+    path = train_distill(run_cfg(tmp_path, model=str(model_dir), method=method, student_steps=4, lr=1e-3))
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any("_resnets_" in k and k.endswith("_conv1.lora_down.weight") for k in keys)  # LCM-LoRA's conv targets
+    assert {k.rsplit(".", 2)[-2] if k.endswith("weight") else "alpha" for k in keys} == {"lora_down", "lora_up",
+                                                                                         "alpha"}
+    meta = validate_safetensors(path)
+    assert json.loads(meta["lightbooth_preset"]) == {"steps": 4, "guidance": 1.0, "sampler": "flow_euler",
+                                                     "shift": 3.0}
+    from lightbooth.cli import main
+
+    assert main(["generate", "a red circle", "--model", str(model_dir), "--lora", str(path), "--out",
+                 str(tmp_path / "img"), "--device", "cpu"]) == 0
+    png = capsys.readouterr().out.strip().splitlines()[-1].split()[-1]
+    from PIL import Image
+
+    info = json.loads(Image.open(png).info["lightbooth"])
+    assert (info["preset"], info["steps"], info["guidance"], info["sampler"]) == ("lora", 4, 1.0, "flow_euler")
+    gen = Generator.load(model_dir, loras=[path], device="cpu")
+    assert gen.settings().preset == Preset(4, 1.0, "flow_euler", shift=3.0)
+    calls = []
+    gen.run([Job("a red circle", 0)], gen.settings(), callback=lambda i, x: calls.append(i))
+    assert calls == [0, 1, 2, 3]
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None)
+    base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    ours = dict(gen.family.denoiser.named_parameters())
+    moved = 0.0
+    for n, p in pipe.unet.named_parameters():
+        n = n.replace(".base_layer", "")
+        if "lora_" not in n and n in ours:
+            assert torch.allclose(p, ours[n], atol=1e-6), n
+            moved = max(moved, float((ours[n] - base[n]).abs().max()))
+    assert moved > 1e-4  # the LoRA did change the UNet, and diffusers applied every layer of it
+
+
+def test_sd_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(sd_v_dir, tmp_path):
+    # v prediction: the random eps UNet's x0 = (x - sqrt(1 - a) eps) / sqrt(a) makes a far stiffer field at the top
+    prompts, seeds = ["a red circle", "三个绿色三角形", "a blue square on the left"], [0, 1]
+
+    def latents(gen: Generator, preset: Preset) -> torch.Tensor:  # compared where the student is trained
+        fam = gen.family
+        x = torch.cat([fam.noise(seed, 16, 16) for _ in prompts for seed in seeds])
+        uncond = gen.encode([""] * len(x)) if preset.guidance != 1 else None
+        return fam.sample(x, gen.encode([p for p in prompts for _ in seeds]), uncond, preset, 16, 16)
+
+    teacher = Generator.load(sd_v_dir, device="cpu")
+    target = latents(teacher, Preset(32, 4.0, "flow_euler", shift=1.0))  # the teacher's ODE from the top level
+    student = Preset(2, 1.0, "flow_euler", shift=3.0)  # what run_cfg distills into
+    before = float((latents(teacher, student) - target).abs().mean())
+    path = train_distill(run_cfg(tmp_path, model=str(sd_v_dir), method="trajectory", steps=40, lr=3e-3, rank=8,
+                                 teacher_guidance=4.0, teacher_steps=8, checkpoint_every=100, seed=1))
+    distilled = Generator.load(sd_v_dir, loras=[str(path)], device="cpu")
+    assert distilled.settings().preset == student
+    after = float((latents(distilled, student) - target).abs().mean())
+    assert after < 0.8 * before, (before, after)

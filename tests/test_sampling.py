@@ -67,3 +67,20 @@ def test_cfg_norm_rescale_keeps_conditional_norm():
     assert torch.allclose(out / out.norm(dim=-1, keepdim=True), direction / direction.norm(dim=-1, keepdim=True),
                           atol=1e-6)
     assert torch.allclose(guidance.cfg(c, u, 1.0), c, atol=1e-6)
+
+
+def test_ddpm_states_are_rescaled_flow_states_and_timesteps_match_diffusers_sigma_to_t():
+    ac = schedules.alphas_cumprod(1000, 0.00085, 0.012, "scaled_linear")
+    s = schedules.flow_sigma(ac.double())
+    assert torch.allclose(schedules.vp_alpha(s), ac.double(), rtol=1e-10)
+    torch.manual_seed(0)
+    x0, n = torch.randn(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    a, sv = ac[[10, 900]].double().view(-1, 1), s[[10, 900]].view(-1, 1)
+    assert torch.allclose(schedules.vp_scale(sv) * ((1 - sv) * x0 + sv * n), a.sqrt() * x0 + (1 - a).sqrt() * n)
+    assert schedules.vp_scale(torch.tensor(1.0)) == 1 and schedules.vp_scale(torch.tensor(0.0)) == 1
+    ref = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sig = ((1 - ref.alphas_cumprod) / ref.alphas_cumprod) ** 0.5
+    probe = np.concatenate([np.exp(np.linspace(-4, 3, 200)), sig[[0, 1, 500, 998, 999]].numpy()])  # in and out of range
+    want = ref._sigma_to_t(probe, np.log(sig.numpy()))
+    got = schedules.ddpm_timestep(ac, schedules.ve_to_flow(torch.from_numpy(probe)))
+    assert np.allclose(got.numpy(), want, atol=2e-3), np.abs(got.numpy() - want).max()

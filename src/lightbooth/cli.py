@@ -34,7 +34,7 @@ def generate(
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the preset's)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale; 1 disables the unconditional pass."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for CFG."),
-    sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler; sd: ddim, euler)."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler; sd: ddim, euler, flow_euler)."),
     seed: int = typer.Option(0, help="Seed of the first image; image i of each prompt uses seed + i."),
     num_images: int = typer.Option(1, "--num-images", help="Images per prompt."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),

@@ -87,6 +87,7 @@ class Family:
     component_names: ClassVar[tuple[str, ...]]  # subfolders it needs
     denoiser_name: ClassVar[str]  # the component LoRAs and training target
     lora_targets: ClassVar[tuple[str, ...]]  # default LoRA target module name suffixes
+    distill_lora_targets: ClassVar[tuple[str, ...]] = ()  # a few-step student's LoRA targets; empty: lora_targets
     samplers: ClassVar[tuple[str, ...]]
     presets: ClassVar[dict[str, Preset]]  # must include "base"
     default_preset: str = "base"
@@ -94,7 +95,7 @@ class Family:
     fuse_projections_ok: ClassVar[bool] = False  # diffusers' fused-QKV processors are measured right for it
     fp8_skip: ClassVar[tuple[str, ...]] = ()  # denoiser layers (name substrings) kept in full precision under fp8
     compile_regional: ClassVar[bool] = False  # compile only the repeated blocks (same speed, a fraction of the wait)
-    flow_matching: ClassVar[bool] = False  # a rectified-flow model with velocity(): what distillation needs
+    flow_matching: ClassVar[bool] = False  # trained as a rectified flow (velocity is its native output)
 
     def __init__(self, components: dict, path: Path, device: torch.device, dtype: torch.dtype):
         self.components, self.path, self.device, self.dtype = components, path, device, dtype
@@ -200,6 +201,22 @@ class Family:
         """Per-sample denoising loss (B,) of `denoiser` on clean latents `x0` with `noise` at noise levels picked
         by uniform draws `u` (B,) in (0, 1); the family maps `u` onto its own noise schedule."""
         raise NotImplementedError
+
+
+# --- distillation: what training/distill needs of a family, in rectified-flow coordinates --------------------------
+#   velocity(x, cond, sigma, width, height, uncond=None, guidance_scale=1.0, both=None) -> the (guided) velocity
+#       n - x0 at flow level sigma (a scalar or one per row) for states x = (1 - sigma) x0 + sigma n in the
+#       family's `noise` layout;
+#   schedule(preset, image_seq_len) -> the flow levels (steps + 1, descending to 0) `preset` samples along; a
+#       preset with sampler "flow_euler" and a `shift` is how a distilled student's schedule is stored;
+#   image_tokens(width, height) -> the `image_seq_len` that schedule takes.
+# Flow-matching families have them natively; sd derives them from its DDPM schedule (sampling/schedules.py).
+DISTILL_METHODS = ("velocity", "schedule", "image_tokens")
+
+
+def can_distill(family: Family) -> bool:
+    """Whether `family` offers the rectified-flow view distillation works in."""
+    return all(callable(getattr(family, m, None)) for m in DISTILL_METHODS)
 
 
 def load_component(path: Path, name: str, index: dict, dtype: torch.dtype):

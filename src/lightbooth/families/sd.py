@@ -1,6 +1,8 @@
 """Stable Diffusion 1.x / 2.x: UNet over 4-channel VAE latents, discrete DDPM schedule, CLIP text encoder.
 
-Epsilon and v prediction are read from the model's scheduler config, as is the training noise schedule.
+Epsilon and v prediction are read from the model's scheduler config, as is the training noise schedule. The UNet
+also runs as a rectified-flow velocity field (`velocity`, by the exact reparametrisation in sampling/schedules.py),
+which is what few-step distillation trains and the "flow_euler" sampler of distilled LoRAs walks.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ class SDFamily(Family):
     denoiser_name = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     text_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
-    samplers = ("ddim", "euler")
+    # LCM-LoRA's (Luo et al. 2023; diffusers' train_lcm_distill_lora_sd_wds.py): a few-step student must change the
+    # ResNet convolutions too, attention alone cannot bend the trajectory enough
+    distill_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                            "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
+                            "time_emb_proj")
+    samplers = ("ddim", "euler", "flow_euler")
     presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
     cuda_graphs_ok = True
     fuse_projections_ok = True
@@ -35,6 +42,7 @@ class SDFamily(Family):
         self.prediction = cfg.get("prediction_type", "epsilon")
         self.ac = schedules.alphas_cumprod(cfg.get("num_train_timesteps", 1000), cfg.get("beta_start", 0.00085),
                                            cfg.get("beta_end", 0.012), cfg.get("beta_schedule", "scaled_linear"))
+        self.sigma_max = float(schedules.flow_sigma(self.ac[-1].double()))  # flow level of t = T-1 (0.936 for SD1.5)
         # NHWC is the layout oneDNN's (and cuDNN's) fastest convolutions use; the UNet and VAE are conv nets.
         for name in ("unet", "vae"):
             components[name].to(memory_format=torch.channels_last)
@@ -94,6 +102,13 @@ class SDFamily(Family):
             return guided(fwd, guidance.cfg, xin, cond, uncond, preset.guidance, both).float()
 
         with torch.inference_mode():
+            if preset.sampler == "flow_euler":
+                sigmas = self.schedule(preset).to(self.device)
+
+                def velocity(xt, i):
+                    return self.velocity(xt, cond, sigmas[i], width, height, uncond, preset.guidance, both)
+
+                return samplers.flow_euler(velocity, x / schedules.vp_scale(sigmas[0]), sigmas, callback)
             if preset.sampler == "euler":
                 return self._euler(predict, x, self.timesteps(preset.steps, integer=False), callback)
             ratio = len(self.ac) // preset.steps
@@ -104,6 +119,40 @@ class SDFamily(Family):
                 return self._eps_x0(predict(xt, int(ts[i])), xt, ac[int(ts[i])])
 
             return samplers.ddim(eps_x0, x, torch.stack(prev), callback)  # DDIM starts at unit noise
+
+    # --- as a rectified flow (distillation, and the flow_euler sampler of distilled LoRAs) -------------------------
+    def image_tokens(self, width: int, height: int) -> int:
+        return (height // self.vae_scale) * (width // self.vae_scale)  # unused: SD's schedule has no dynamic shift
+
+    def schedule(self, preset: Preset, image_seq_len: int = 0) -> torch.Tensor:
+        """The flow levels (steps + 1 values ending in 0) `preset` walks, in `velocity`'s coordinates.
+
+        flow_euler: the shifted flow schedule (shift None: 1) scaled into [0, sigma_max], the range the UNet was
+        trained on.
+        ddim / euler: their own timesteps' levels (DDIM is exactly flow Euler on them; Euler solves the same ODE).
+        """
+        if preset.sampler == "flow_euler":
+            return schedules.flow_sigmas(preset.steps, shift=preset.shift or 1.0) * self.sigma_max
+        ts = self.timesteps(preset.steps, integer=preset.sampler == "ddim")
+        return schedules.ve_to_flow(schedules.karras_free_sigmas(self.ac, ts))
+
+    def velocity(self, x: torch.Tensor, cond: Cond, sigma: torch.Tensor, width: int, height: int,
+                 uncond: Cond | None = None, guidance_scale: float = 1.0, both: Cond | None = None) -> torch.Tensor:
+        """The (guided) velocity n - x0 at flow level `sigma` (a scalar, or one per row) for flow states x.
+
+        x is scaled to the DDPM state at the matching cumulative alpha, the UNet runs at the matching continuous
+        timestep, and its eps / v output (guided as `sample` guides it) becomes (eps, x0) exactly.
+        """
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        a = schedules.vp_alpha(s).view(-1, 1, 1, 1)
+        xt = x.float() * schedules.vp_scale(s).view(-1, 1, 1, 1)
+        t = schedules.ddpm_timestep(self.ac, s)
+
+        def fwd(xx, c):  # under CFG the batch is [x; x], so per-row timesteps repeat
+            return self._unet(xx, c, t.repeat(len(xx) // len(t)))
+        out = guided(fwd, guidance.cfg, xt, cond, uncond, guidance_scale, both).float()
+        eps, x0 = self._eps_x0(out, xt, a)
+        return eps - x0
 
     def _euler(self, predict, x, ts, callback):
         sigmas = schedules.karras_free_sigmas(self.ac, ts).to(self.device)

@@ -74,3 +74,48 @@ def karras_free_sigmas(ac: torch.Tensor, timesteps: np.ndarray) -> torch.Tensor:
     full = (((1 - ac) / ac) ** 0.5).numpy()
     sig = np.interp(timesteps.astype(np.float32), np.arange(len(full)), full).astype(np.float32)
     return torch.cat([torch.from_numpy(sig), torch.zeros(1)])
+
+
+# --- DDPM <-> rectified flow -------------------------------------------------------------------------------------
+# Karras et al. 2022 (EDM), sec. 2 and eq. 4: a diffusion state is x = scale * (x0 + sigma n), and processes with
+# the same sigma(t) differ only by that scale. DDPM has scale sqrt(a) and sigma = sqrt((1 - a) / a); rectified
+# flow, x = (1 - s) x0 + s n, has scale 1 - s and sigma = s / (1 - s). So at equal sigma, i.e. flow level
+# s = sigma / (1 + sigma) = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)) (logit(s) = log sigma = -logSNR / 2), the DDPM
+# state is the flow state times sqrt(a) + sqrt(1 - a), exactly, and any eps- or v-prediction model can be run as a
+# velocity field v = n - x0 on flow states.
+
+def ve_to_flow(sigma: torch.Tensor) -> torch.Tensor:
+    """Flow noise level s = sigma / (1 + sigma) of a VE level sigma (inf -> 1, 0 -> 0)."""
+    return sigma / (1 + sigma)
+
+
+def flow_sigma(ac: torch.Tensor) -> torch.Tensor:
+    """Flow noise level of cumulative alpha `ac`: sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))."""
+    return ve_to_flow(((1 - ac) / ac) ** 0.5)
+
+
+def vp_alpha(s: torch.Tensor) -> torch.Tensor:
+    """Cumulative alpha of flow level s: (1 - s)^2 / ((1 - s)^2 + s^2), the inverse of `flow_sigma`."""
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+
+
+def vp_scale(s: torch.Tensor) -> torch.Tensor:
+    """sqrt(a) + sqrt(1 - a) = 1 / sqrt((1 - s)^2 + s^2): x_t = vp_scale(s) * x_flow at the same level.
+
+    So a DDPM sampler's start, unit noise at level s, is noise / vp_scale(s) in flow coordinates (noise itself at
+    s = 1, where both conventions agree).
+    """
+    return ((1 - s) ** 2 + s**2) ** -0.5
+
+
+def ddpm_timestep(ac: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The continuous DDPM timestep whose noise level is flow level `s` (any shape), clamped to [0, len(ac) - 1].
+
+    Piecewise linear in log sigma = logit(s) between the integer timesteps (diffusers' EulerDiscreteScheduler
+    `_sigma_to_t`), so it is exact at the training timesteps; the UNet's sinusoidal embedding takes float steps.
+    """
+    table = (0.5 * torch.log((1 - ac.double()) / ac.double())).to(s.device)  # log sigma, increasing in t
+    x = torch.logit(s.double().clamp(1e-12, 1 - 1e-12))
+    i = torch.searchsorted(table, x.contiguous()).clamp(1, len(table) - 1)
+    w = ((x - table[i - 1]) / (table[i] - table[i - 1])).clamp(0, 1)
+    return (i - 1 + w).float()

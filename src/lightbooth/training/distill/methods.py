@@ -1,4 +1,4 @@
-"""Few-step distillation maths for flow-matching models, as pure functions of tensors and velocity functions.
+"""Few-step distillation maths in rectified-flow coordinates, as pure functions of tensors and velocity functions.
 
 Conventions (rectified flow): x_s = (1 - s) x0 + s n at noise level s in [0, 1], velocity v = n - x0, so a
 clean-image estimate is x0 = x_s - s v and an Euler step from s to s' is x + (s' - s) v. A "velocity function"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ...families.base import Cond
+from ...sampling import schedules
 from ..common import draw_seed, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
 from . import methods
@@ -115,10 +116,16 @@ class DistillModule(L.LightningModule):
         return torch.cat([self.family.noise(draw_seed(self.cfg.seed, g, stream, i), self.width, self.height)
                           for i in range(n)]).float().to(self.device)
 
+    def start(self, g: int, n: int) -> torch.Tensor:
+        """The students' (and the teacher's) starting states at the first student level: the family's unit noise
+        in flow coordinates (itself at level 1; sd starts below 1, where DDPM's unit noise is rescaled)."""
+        return self.noise(g, n, 0) / schedules.vp_scale(self.student_sigmas[0]).to(self.device)
+
     def levels(self, g: int, n: int, stream: int) -> torch.Tensor:
-        """Noise levels for re-noising, spread like the teacher's training (the student's shift)."""
+        """Noise levels for re-noising, spread like the teacher's training (the student's shift), within the range
+        the student starts from (all of [0, 1] for flow models, up to the top level sd was trained on)."""
         u = torch.rand(n, generator=torch.Generator().manual_seed(draw_seed(self.cfg.seed, g, stream)))
-        return shifted_sigmas(u.clamp(0.02, 0.98), shift=self.cfg.shift).to(self.device)
+        return (shifted_sigmas(u.clamp(0.02, 0.98), shift=self.cfg.shift) * self.student_sigmas[0]).to(self.device)
 
     # --- the methods -------------------------------------------------------------------------------------------
     def trajectory_step(self, g: int, cond: Cond, uncond: Cond | None) -> torch.Tensor:
@@ -126,7 +133,7 @@ class DistillModule(L.LightningModule):
         n, k = len(cond.embeds), len(self.student_sigmas) - 1
         grid, where = methods.merged_schedule(self.teacher_sigmas(), self.student_sigmas)
         with adapter(self.denoiser, None):
-            states = methods.ode_states(self.velocity(cond, uncond, self.teacher.guidance), self.noise(g, n, 0),
+            states = methods.ode_states(self.velocity(cond, uncond, self.teacher.guidance), self.start(g, n),
                                         grid.to(self.device), where)
         targets = methods.trajectory_targets(states, self.student_sigmas)
         x = torch.cat(states[:-1])  # (k*B, ...): every segment of every sample in one forward
@@ -142,7 +149,7 @@ class DistillModule(L.LightningModule):
         gen_turn = g % self.cfg.fake_updates == 0
         j = int(np.random.default_rng([self.cfg.seed, 5, g]).integers(0, k))  # which step to train (backward sim.)
         with adapter(self.denoiser, STUDENT), torch.set_grad_enabled(gen_turn):
-            x0 = methods.student_sample(self.velocity(cond), self.noise(g, n, 0), self.student_sigmas.to(self.device),
+            x0 = methods.student_sample(self.velocity(cond), self.start(g, n), self.student_sigmas.to(self.device),
                                         stop=j, grad_at=j)
         loss = x0.new_zeros(())
         if gen_turn:

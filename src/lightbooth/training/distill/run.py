@@ -34,7 +34,8 @@ class DistillConfig:
     loras: list[str] = dataclasses.field(default_factory=list)  # fused into the teacher, e.g. a DreamBooth LoRA
     method: str = "dmd"  # dmd (distribution matching, DMD2-style) or trajectory (regression onto teacher ODE steps)
     student_steps: int = 4  # 1, 2, 4 or 8 sampling steps for the student
-    shift: float = 3.0  # the student's fixed flow shift (Qwen-Image-Lightning uses 3)
+    shift: float = 3.0  # the student's fixed flow shift (Qwen-Image-Lightning uses 3; sd: 2 puts 4 steps near
+    # timesteps 999/750/500/250)
     teacher_preset: str | None = None  # the teacher's sampling preset; None: the model's default
     teacher_steps: int | None = None  # override the preset's steps (trajectory targets are solved on this grid)
     teacher_guidance: float | None = None  # override the preset's CFG scale (distilled into the student)
@@ -79,9 +80,9 @@ def student_preset(cfg: DistillConfig):
 
 def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run (or resume) a distillation; returns the LoRA file's path."""
+    from ...families.base import DISTILL_METHODS, can_distill
     from ...generate import Generator
     from ...models import resolve_model
-    from ...sampling import schedules
     from ..checkpoints import newest_valid_checkpoint, prepare_run_folder
 
     check_config(cfg)
@@ -96,14 +97,15 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
     gen = Generator.load(cfg.model, loras=tuple(cfg.loras), device="cuda" if torch.cuda.is_available() else "cpu",
                          dtype=torch.float32, fast=False)  # fp32, separate Q/K/V: the adapters train on them
     family = gen.family
-    if not family.flow_matching:
-        raise LightboothError(f"distillation supports flow-matching models (qwen-image) for now; {family.name} "
-                              "is not one")
+    if not can_distill(family):
+        raise LightboothError(f"{family.name} models cannot be distilled: the family has no rectified-flow view "
+                              f"({', '.join(DISTILL_METHODS)})")
     teacher = gen.settings(preset=cfg.teacher_preset, steps=cfg.teacher_steps, guidance=cfg.teacher_guidance,
                            width=cfg.width, height=cfg.height)
     prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES)
     add_adapters(cfg, family)
-    sigmas = schedules.flow_sigmas(cfg.student_steps, shift=cfg.shift).float()
+    # the student's levels as generation will walk them from the LoRA's stored preset (sd: scaled into its range)
+    sigmas = family.schedule(student_preset(cfg), family.image_tokens(teacher.width, teacher.height)).float()
     fit(cfg, family, teacher.preset, sigmas, (teacher.width, teacher.height), run, ckpt_path)
     return export(cfg, family, resolve_model(cfg.model), teacher, run)
 
@@ -116,8 +118,9 @@ def add_adapters(cfg: DistillConfig, family) -> None:
 
     torch.manual_seed(cfg.seed)
     names = (STUDENT, FAKE) if cfg.method == "dmd" else (STUDENT,)
+    targets = family.distill_lora_targets or family.lora_targets
     for name in names:
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=list(family.lora_targets),
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=list(targets),
                           lora_dropout=0.0, init_lora_weights=True)
         inject_adapter_in_model(lora, family.denoiser, adapter_name=name)
     for n, p in family.denoiser.named_parameters():
