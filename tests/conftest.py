@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random models of both real architectures, written once per session as diffusers folders."""
 
+import os
+
 import pytest
 import torch
 
@@ -41,4 +43,6 @@ def sd_gen(sd_dir):
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    # 2 (this machine's cores) unless OMP_NUM_THREADS says otherwise: with a training job beside the tests, two
+    # threads each stall on OpenMP barriers and a 10 s selection takes minutes
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))

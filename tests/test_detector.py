@@ -3,7 +3,7 @@
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
 from lightbooth.data import shapes as S
 from lightbooth.eval import detector as D
