@@ -134,3 +134,38 @@ def test_cond_cat_pads_and_masks():
     assert c.embeds.shape == (2, 5, 2) and c.mask.tolist() == [[1, 1, 1, 0, 0], [1] * 5]
     assert c.embeds[0, 3:].abs().sum() == 0
     assert Cond.cat([b, b]).mask is None
+
+
+def test_a_preset_can_fuse_a_lora_shipped_in_the_model_folder(qwen_dir, tmp_path):
+    # the built-in model's 4- and 8-step presets work this way: the default preset fuses its own LoRA at load
+    import shutil
+
+    from lightbooth.errors import LightboothError
+    from lightbooth.lora import LoraLayer, save_lora
+
+    model = tmp_path / "m"
+    shutil.copytree(qwen_dir, model)
+    g = torch.Generator().manual_seed(3)
+    layer = Generator.load(model, device="cpu").family.denoiser.transformer_blocks[0].attn.to_q
+    weights = {"transformer.transformer_blocks.0.attn.to_q": LoraLayer(
+        torch.randn(4, layer.in_features, generator=g), torch.randn(layer.out_features, 4, generator=g), 4.0)}
+    (model / "fast").mkdir()
+    save_lora(model / "fast" / "four.safetensors", weights, format="kohya")
+    four = {"steps": 4, "guidance": 1.0, "sampler": "flow_euler", "shift": 3.0, "lora": "fast/four.safetensors"}
+    (model / "lightbooth.json").write_text(json.dumps({"default_preset": "four", "presets": {"four": four}}))
+
+    fast = Generator.load(model, device="cpu")
+    images = fast("a red circle", seed=[0, 1])
+    assert json.loads(images[0].info["lightbooth"])["preset"] == "four"
+    # the same as fusing that file by hand and sampling on the same schedule
+    by_hand = Generator.load(model, loras=[model / "fast" / "four.safetensors"], device="cpu", preset="lightning-4")
+    assert np.abs(arr(images) - arr(by_hand("a red circle", seed=[0, 1]))).max() == 0
+    plain = Generator.load(model, device="cpu", preset="base")
+    assert np.abs(arr(images) - arr(plain("a red circle", seed=[0, 1], preset="lightning-4"))).max() > 0  # the LoRA
+    with pytest.raises(LightboothError, match="--preset base"):
+        fast("a red circle", preset="base")  # loaded with the LoRA fused: the plain model needs loading anew
+    with pytest.raises(LightboothError, match="--preset four"):
+        plain("a red circle", preset="four")
+    (model / "fast" / "four.safetensors").unlink()
+    with pytest.raises(LightboothError, match="missing"):
+        Generator.load(model, device="cpu")

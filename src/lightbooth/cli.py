@@ -60,7 +60,7 @@ def generate(
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         _fail(f"--dtype {dtype} is not supported; use float32, bfloat16 or float16")
     save_dir_ready(out)
-    load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype)
+    load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype, preset=preset)
     settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
                            height=height, negative_prompt=negative)
     n_dev, accel = _devices(devices, device)
@@ -227,7 +227,7 @@ def eval_(
 
     if n < 1:
         _fail("--n must be at least 1")
-    gen = Generator.load(model, loras=tuple(lora), device=device)
+    gen = Generator.load(model, loras=tuple(lora), device=device, preset=preset)
     report = evaluate(gen, n=n, preset=preset, steps=steps, guidance=guidance)
     for line in report.lines():
         typer.echo(line)

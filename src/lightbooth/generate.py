@@ -69,16 +69,21 @@ def expand_jobs(prompts: Sequence[str], seed: int | Sequence[int], num_images: i
 class Generator:
     """A loaded model ready to generate: `Generator.load(...)(prompts, seed=..., num_images=...)`."""
 
-    def __init__(self, family: Family, model_name: str, loras: list[dict], lora_preset: dict | None = None):
+    def __init__(self, family: Family, model_name: str, loras: list[dict], lora_preset: dict | None = None,
+                 preset: str | None = None):
         self.family, self.model_name, self.loras = family, model_name, loras
         self.lora_preset = lora_preset  # a schedule a distilled LoRA asks for, used when no preset is given
+        self.preset = preset  # the preset loaded for (its LoRA, if any, is fused); None: a distilled LoRA's own
         self._cache: dict[str, Cond] = {}
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, loras: Sequence = (), device=None, dtype=None,
-             fast: bool = True, fp8: bool = False):
+             fast: bool = True, fp8: bool = False, preset: str | None = None):
         """Load `model` (None: the built-in model) and fuse `loras` ('path', 'path:scale' or (path, scale)).
 
+        `preset`: the sampling preset to load for (default: the model's own default, or the schedule a distilled
+        LoRA in `loras` carries). A preset may fuse a LoRA shipped in the model folder (the built-in model's 4- and
+        8-step presets do), so it is chosen here; `preset="base"` gives the plain model, as trainers need.
         `fast` (on CUDA): fused Q/K/V projections and CUDA-graph replay where the family allows; `fp8`: the
         denoiser's linear layers in fp8 (half the memory; about 2x the matrix rate on Hopper; small error).
         """
@@ -103,10 +108,19 @@ class Generator:
             applied.append({"path": str(p), "scale": scale})
             if meta.get("lightbooth_preset"):
                 lora_preset = json.loads(meta["lightbooth_preset"])
+        if preset is not None and preset not in family.presets:
+            raise LightboothError(f"unknown preset {preset!r} for {family.name}; choose one of {', '.join(family.presets)}")
+        name = preset or (None if lora_preset else family.default_preset)
+        if name is not None and family.presets[name].lora:
+            file = path / family.presets[name].lora
+            if not file.is_file():
+                raise LightboothError(f"preset {name!r} needs {file}, which is missing; reinstall the model or pass "
+                                      "--preset base")
+            lora_mod.fuse(family.modules_for_lora(), lora_mod.load_lora(str(file), family.name,
+                                                                        family.modules_for_lora()), 1.0)
         on_cuda = fast and device.type == "cuda"
         family.use_fast_paths(cuda_graphs=on_cuda, fuse_projections=on_cuda, fp8=fp8)
-        name = "builtin" if model is None else str(model)
-        return cls(family, name, applied, lora_preset)
+        return cls(family, "builtin" if model is None else str(model), applied, lora_preset, name)
 
     # --- settings ------------------------------------------------------------------------------------------
     def settings(self, *, preset=None, steps=None, guidance=None, sampler=None, width=None, height=None,
@@ -116,10 +130,14 @@ class Generator:
         if preset is None and self.lora_preset is not None:
             name, base = "lora", Preset(**self.lora_preset)
         else:
-            name = preset or fam.default_preset
+            name = preset or self.preset or fam.default_preset
             if name not in fam.presets:
                 raise LightboothError(f"unknown preset {name!r} for {fam.name}; choose one of {', '.join(fam.presets)}")
             base = fam.presets[name]
+            fused = self.preset if self.preset and fam.presets[self.preset].lora else None
+            if (base.lora or fused) and name != fused:
+                raise LightboothError(f"preset {name!r} needs other weights than the model was loaded with (a preset "
+                                      f"fuses its own LoRA); load it with preset={name!r} (CLI: --preset {name})")
         p = replace(base, **{k: v for k, v in dict(steps=steps, guidance=guidance, sampler=sampler).items()
                              if v is not None})
         if p.steps < 1:

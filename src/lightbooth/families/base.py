@@ -30,6 +30,7 @@ class Preset:
     guidance: float  # classifier-free guidance scale; 1 means no unconditional pass at all
     sampler: str  # one of the family's `samplers`
     shift: float | None = None  # fixed flow-matching shift replacing the model's own schedule (Lightning uses 3)
+    lora: str | None = None  # a LoRA file inside the model folder fused for this preset (a shipped distilled one)
 
 
 @dataclass

@@ -45,7 +45,8 @@ class DreamBoothConfig:
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     class_dir: str | None = None  # None: RUN/../class-images-<hash>, shared by runs with the same settings
-    class_preset: str | None = None  # sampling preset for class images; None: "fast" if the model has one
+    class_preset: str | None = None  # sampling preset for class images; None: "fast" if the model has one, else
+    # the model's default (the built-in model's 4-step preset)
     full: bool = False  # fine-tune every denoiser weight (saves a diffusers folder) instead of a LoRA
     train_text_encoder: bool = False  # also train the text encoder (LoRA, or fully with `full`); sd only
     rank: int = 4  # LoRA rank
@@ -131,7 +132,8 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # LoRA: the frozen base in the family's dtype (bf16 on GPU; peft keeps the adapters fp32); full: fp32 master weights
     # fast=False: LoRA targets need the separate Q/K/V projections that CUDA fast paths would fuse
-    gen = Generator.load(model_path, device=device, dtype=torch.float32 if cfg.full else None, fast=False)
+    gen = Generator.load(model_path, device=device, dtype=torch.float32 if cfg.full else None, fast=False,
+                         preset="base")  # the plain model: a preset's own LoRA (a shipped distilled one) stays out
     family = gen.family
     if cfg.train_text_encoder and not family.text_lora_targets:
         raise LightboothError(f"--train-text-encoder is not supported for {family.name} models (sd only)")
@@ -164,6 +166,7 @@ def training_side(cfg: DreamBoothConfig, family) -> int:
 def class_image_paths(cfg: DreamBoothConfig, gen, model_path: Path, run: Path) -> list[Path]:
     """Generate (or reuse) the class images with the base model, before any LoRA touches it."""
     from ..data.class_images import class_settings, default_class_dir, ensure_class_images
+    from ..generate import Generator
 
     fam = gen.family
     name = cfg.class_preset or ("fast" if "fast" in fam.presets else fam.default_preset)
@@ -173,7 +176,9 @@ def class_image_paths(cfg: DreamBoothConfig, gen, model_path: Path, run: Path) -
     settings = class_settings(str(model_path.resolve()), fill(cfg.class_prompt, cfg), name, preset.steps,
                               preset.guidance, side, side)
     folder = Path(cfg.class_dir) if cfg.class_dir else default_class_dir(run, settings)
-    return ensure_class_images(folder, settings, cfg.num_class_images, cfg.seed, lambda: gen)
+    # a preset with its own LoRA (the built-in model's 4-step one) needs a second copy of the model with it fused
+    factory = (lambda: Generator.load(model_path, device=fam.device, preset=name)) if preset.lora else (lambda: gen)
+    return ensure_class_images(folder, settings, cfg.num_class_images, cfg.seed, factory)
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ class DistillConfig:
     student_steps: int = 4  # 1, 2, 4 or 8 sampling steps for the student
     shift: float = 3.0  # the student's fixed flow shift (Qwen-Image-Lightning uses 3; sd: 2 puts 4 steps near
     # timesteps 999/750/500/250)
-    teacher_preset: str | None = None  # the teacher's sampling preset; None: the model's default
+    teacher_preset: str | None = None  # the teacher's sampling preset; None: "base" (the plain model, not a fast preset)
     teacher_steps: int | None = None  # override the preset's steps (trajectory targets are solved on this grid)
     teacher_guidance: float | None = None  # override the preset's CFG scale (distilled into the student)
     prompts_file: str | None = None  # one prompt per line; None: shapes-world captions, English and Chinese
@@ -95,12 +95,13 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
         if resume != "auto" and not ckpt_path.is_file():
             raise LightboothError(f"checkpoint {resume} not found; pass a step-*.ckpt file or --resume auto")
     gen = Generator.load(cfg.model, loras=tuple(cfg.loras), device="cuda" if torch.cuda.is_available() else "cpu",
-                         dtype=torch.float32, fast=False)  # fp32, separate Q/K/V: the adapters train on them
+                         dtype=torch.float32, fast=False,  # fp32, separate Q/K/V: the adapters train on them
+                         preset=cfg.teacher_preset or "base")
     family = gen.family
     if not can_distill(family):
         raise LightboothError(f"{family.name} models cannot be distilled: the family has no rectified-flow view "
                               f"({', '.join(DISTILL_METHODS)})")
-    teacher = gen.settings(preset=cfg.teacher_preset, steps=cfg.teacher_steps, guidance=cfg.teacher_guidance,
+    teacher = gen.settings(preset=cfg.teacher_preset or "base", steps=cfg.teacher_steps, guidance=cfg.teacher_guidance,
                            width=cfg.width, height=cfg.height)
     prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES)
     add_adapters(cfg, family)
