@@ -33,21 +33,27 @@ def main() -> int:
     ap.add_argument("--student-steps", type=int, default=4)
     ap.add_argument("--n", type=int, default=16, help="eval prompts per kind and language")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="trajectory,dmd", help="methods to train (none: only --lora rows)")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                    help="also score an already trained student LoRA (its own schedule), e.g. dmd-8=runs/d8/lora.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    rows = [("teacher (its defaults)", [], {}),
+    rows = [("teacher (preset base: its 20 steps with CFG)", [], dict(preset="base")),
             (f"teacher, naive {args.student_steps} steps, CFG 1, shift 3", [],
              dict(preset="lightning", steps=args.student_steps))]
-    for method in ("trajectory", "dmd"):
+    for method in filter(None, args.methods.split(",")):
         t = time.time()
         path = train_distill(DistillConfig(out=str(out / method), method=method, steps=args.steps,
                                            student_steps=args.student_steps, logger="none", threads=args.threads),
                              overwrite=True)
         rows.append((f"{method}, {args.student_steps} steps ({args.steps} training steps, {time.time() - t:.0f} s)",
                      [str(path)], {}))
+    for spec in args.lora:
+        name, _, path = spec.partition("=")
+        rows.append((name, [path], {}))
     for name, loras, settings in rows:
-        gen = Generator.load(None, loras=loras, device="cpu")
+        gen = Generator.load(None, loras=loras, device="cpu", preset=settings.get("preset"))
 
         def call(b):
             gen._cache.clear()

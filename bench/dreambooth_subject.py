@@ -109,10 +109,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="base", help="sampling preset the images are made with (base: the teacher; "
+                    "the built-in model's default 4-step preset stacks the DreamBooth LoRA on its distilled one)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     instance_images(args.out / "instance", args.images, args.seed)
-    rows = {"base model": score(Generator.load(device="cpu"), "qzx", args.n)}
+    rows = {"base model": score(Generator.load(device="cpu", preset=args.preset), "qzx", args.n)}
     for prior in (True, False):
         name = "with prior" if prior else "without prior"
         cfg = DreamBoothConfig(instance_dir=str(args.out / "instance"), class_noun="star",
@@ -122,11 +124,12 @@ def main() -> None:
         t0 = time.time()
         result = train_dreambooth(cfg, overwrite=True)
         seconds = time.time() - t0
-        gen = Generator.load(result, device="cpu") if args.full else Generator.load(device="cpu", loras=[str(result)])
+        gen = Generator.load(result, device="cpu", preset=args.preset) if args.full else \
+            Generator.load(device="cpu", loras=[str(result)], preset=args.preset)
         rows[name] = {**score(gen, cfg.token, args.n), "train_s": seconds}
     what = "full fine-tune" if args.full else f"LoRA rank {args.rank}"
     print(f"\nSubject A, {args.images} instance images, {args.steps} steps, lr {args.lr}, {what}, "
-          f"{args.n} images per prompt set")
+          f"{args.n} images per prompt set, preset {args.preset}")
     print("detector (strict shapes) | lenient colour reading of blobs")
     print("| model | fidelity | subject at all | leakage into 'a star' | colours of 'a star' | yellow+teal in "
           "'<token> star' | asked background | yellow+teal in 'a star' | main colours of 'a star' | train s |")

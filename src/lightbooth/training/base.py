@@ -52,6 +52,7 @@ class BaseTrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty prompt this often, so CFG has an unconditional model
     train_shift: float = 3.0  # flow shift on training noise levels: layout, colour and place are decided at high noise
+    # (1.0 was tried, 12,000 steps: better at low noise, worse backgrounds and colours; BENCHMARKS.md)
     sample_shift: float = 3.0  # the shipped scheduler's fixed shift, likewise spending steps at high noise
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -61,7 +62,7 @@ class BaseTrainConfig:
 
 
 RESUMABLE_CHANGES = {"steps", "threads", "checkpoint_every", "keep_checkpoints", "default_steps",
-                     "default_guidance"}  # may differ on --resume (e.g. train longer); everything else may not
+                     "default_guidance", "sample_shift"}  # may differ on --resume (e.g. train longer); everything else may not
 
 
 # --- data ----------------------------------------------------------------------------------------------------
