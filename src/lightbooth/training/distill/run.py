@@ -157,7 +157,9 @@ def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> 
 
     weights = from_peft_model(family.denoiser_name, family.denoiser, adapter_name=STUDENT)
     meta = {
-        "lightbooth_preset": json.dumps(dataclasses.asdict(student_preset(cfg))),
+        # the schedule only: a distilled LoRA is its own weights, never a preset that fuses another file
+        "lightbooth_preset": json.dumps({k: v for k, v in dataclasses.asdict(student_preset(cfg)).items()
+                                         if k != "lora"}),
         "lightbooth_distill": json.dumps({
             "method": cfg.method, "teacher": str(model_path), "teacher_loras": cfg.loras,
             "teacher_preset": dataclasses.asdict(teacher.preset), "steps": cfg.steps, "seed": cfg.seed}),
