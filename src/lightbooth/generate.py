@@ -50,6 +50,13 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def known_preset(family: Family, name: str) -> Preset:
+    """The family's preset `name`, or a one-line error listing the ones it has."""
+    if name not in family.presets:
+        raise LightboothError(f"unknown preset {name!r} for {family.name}; choose one of {', '.join(family.presets)}")
+    return family.presets[name]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -108,8 +115,8 @@ class Generator:
             applied.append({"path": str(p), "scale": scale})
             if meta.get("lightbooth_preset"):
                 lora_preset = json.loads(meta["lightbooth_preset"])
-        if preset is not None and preset not in family.presets:
-            raise LightboothError(f"unknown preset {preset!r} for {family.name}; choose one of {', '.join(family.presets)}")
+        if preset is not None:
+            known_preset(family, preset)
         name = preset or (None if lora_preset else family.default_preset)
         if name is not None and family.presets[name].lora:
             file = path / family.presets[name].lora
@@ -131,9 +138,7 @@ class Generator:
             name, base = "lora", Preset(**self.lora_preset)
         else:
             name = preset or self.preset or fam.default_preset
-            if name not in fam.presets:
-                raise LightboothError(f"unknown preset {name!r} for {fam.name}; choose one of {', '.join(fam.presets)}")
-            base = fam.presets[name]
+            base = known_preset(fam, name)
             fused = self.preset if self.preset and fam.presets[self.preset].lora else None
             if (base.lora or fused) and name != fused:
                 raise LightboothError(f"preset {name!r} needs other weights than the model was loaded with (a preset "
