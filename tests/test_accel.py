@@ -10,6 +10,7 @@ from torch import nn
 
 from lightbooth.accel.fp8 import E4M3_MAX, Fp8Linear, dequantize, quantize_rowwise, to_fp8
 from lightbooth.accel.graphs import GraphedFunction, GraphedTrainStep
+from lightbooth.accel.trace import TracedFunction
 from lightbooth.generate import Generator
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -97,6 +98,46 @@ def test_graph_wrappers_are_the_plain_calls_off_cuda():
     for _ in range(5):  # gradients are cleared before every step, so each step is -0.5 * x
         train(torch.ones(3))
     assert torch.allclose(w.detach(), torch.full((3,), 1 - 2.5))
+
+
+def test_a_trace_starts_with_the_second_run_of_a_shape_and_sees_weights_changed_in_place():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).requires_grad_(False)
+    f = TracedFunction(net, lambda x: net(x) * 2)
+    x = torch.randn(3, 8)
+    f.begin_run()
+    assert torch.equal(f(x), net(x) * 2) and torch.equal(f(x), net(x) * 2) and not f.traces  # one run: eager
+    f.begin_run()
+    assert torch.equal(f(x), net(x) * 2) and len(f.traces) == 1
+    with torch.no_grad():  # what fusing a LoRA does: the traced call reads the same parameters
+        net[0].weight.add_(0.5)
+        net[2].weight.data = net[2].weight.data * 3
+    assert torch.equal(f(x), net(x) * 2)
+    y = torch.randn(5, 8)  # a new shape is eager in its first run again
+    assert torch.equal(f(y), net(y) * 2) and len(f.traces) == 1 and f.failed is None
+
+
+def test_a_call_that_cannot_be_traced_runs_eagerly_with_one_warning():
+    f = TracedFunction(nn.Identity(), lambda x: {"not": x})  # traces must return tensors
+    x = torch.randn(2)
+    f(x)
+    f.begin_run()
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        assert f(x)["not"] is x
+    assert f.failed and f(x)["not"] is x and not f.traces
+
+
+def test_sd_generation_on_cpu_is_traced_from_its_second_run_and_gives_the_same_images(sd_dir):
+    gen = Generator.load(sd_dir, device="cpu")
+    kw = dict(negative_prompt="blurry", seed=[3, 4], steps=5, guidance=7.5)
+    first = [np.asarray(im) for im in gen(["a red circle", "a blue square"], **kw)]
+    assert not gen.family.graphed.traces
+    second = [np.asarray(im) for im in gen(["a red circle", "a blue square"], **kw)]
+    assert len(gen.family.graphed.traces) == 1  # one shape: [cond; uncond] x 2 images
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    eager = Generator.load(sd_dir, device="cpu", fast=False)
+    assert eager.family.graphed is None
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(first, eager(["a red circle", "a blue square"], **kw)))
 
 
 @cuda

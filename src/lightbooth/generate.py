@@ -91,7 +91,8 @@ class Generator:
         `preset`: the sampling preset to load for (default: the model's own default, or the schedule a distilled
         LoRA in `loras` carries). A preset may fuse a LoRA shipped in the model folder (the built-in model's 4- and
         8-step presets do), so it is chosen here; `preset="base"` gives the plain model, as trainers need.
-        `fast` (on CUDA): fused Q/K/V projections and CUDA-graph replay where the family allows; `fp8`: the
+        `fast`: on CUDA, fused Q/K/V projections and CUDA-graph replay where the family allows; on CPU, TorchScript
+        traces of the denoiser once a shape repeats (the same ops without Python between them); `fp8`: the
         denoiser's linear layers in fp8 (half the memory; about 2x the matrix rate on Hopper; small error).
         """
         from . import lora as lora_mod
@@ -126,7 +127,8 @@ class Generator:
             lora_mod.fuse(family.modules_for_lora(), lora_mod.load_lora(str(file), family.name,
                                                                         family.modules_for_lora()), 1.0)
         on_cuda = fast and device.type == "cuda"
-        family.use_fast_paths(cuda_graphs=on_cuda, fuse_projections=on_cuda, fp8=fp8)
+        family.use_fast_paths(cuda_graphs=on_cuda, fuse_projections=on_cuda, fp8=fp8,
+                              trace=fast and device.type == "cpu")
         return cls(family, "builtin" if model is None else str(model), applied, lora_preset, name)
 
     # --- settings ------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ class GraphedFunction:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple, torch.Tensor]] = {}
         self.failed: str | None = None  # why recording failed; every call then runs eagerly
 
+    def begin_run(self) -> None:
+        """Sampling runs do not matter here: a graph is recorded on a shape's first call."""
+
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not args or args[0].device.type != "cuda" or self.failed:
             return self.fn(*args)

@@ -93,6 +93,7 @@ class Family:
     presets: ClassVar[dict[str, Preset]]  # must include "base"
     default_preset: str = "base"
     cuda_graphs_ok: ClassVar[bool] = False  # its denoiser call has no host syncs, so it can replay as a CUDA graph
+    trace_ok: ClassVar[bool] = False  # its denoiser call traces to the same ops for every input of one shape
     fuse_projections_ok: ClassVar[bool] = False  # diffusers' fused-QKV processors are measured right for it
     fp8_skip: ClassVar[tuple[str, ...]] = ()  # denoiser layers (name substrings) kept in full precision under fp8
     compile_regional: ClassVar[bool] = False  # compile only the repeated blocks (same speed, a fraction of the wait)
@@ -100,7 +101,7 @@ class Family:
 
     def __init__(self, components: dict, path: Path, device: torch.device, dtype: torch.dtype):
         self.components, self.path, self.device, self.dtype = components, path, device, dtype
-        self.graphed = None  # GraphedFunction over `denoise` once use_fast_paths(cuda_graphs=True) ran on CUDA
+        self.graphed = None  # GraphedFunction (CUDA) or TracedFunction (CPU) over `denoise`, set by use_fast_paths
 
     # --- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -136,18 +137,20 @@ class Family:
         return {k: v for k, v in self.components.items() if k in ("transformer", "unet", "text_encoder")}
 
     def use_fast_paths(self, *, cuda_graphs: bool = False, fuse_projections: bool = False, compile: bool = False,
-                       fp8: bool = False) -> None:
+                       fp8: bool = False, trace: bool = False) -> None:
         """Trade stock numerics for speed, after any LoRA is fused (each changes the denoiser in place).
 
         - fp8: the denoiser's linear layers in e4m3 with per-row scales (accel/fp8.py; about half the memory);
         - fuse_projections: one matrix product for Q, K and V (diffusers' fuse_qkv_projections; LoRA training
           needs the separate projections, so trainers load with fast=False);
         - compile: torch.compile the denoiser (slow first call);
-        - cuda_graphs: replay each denoiser call from a CUDA graph, for families whose call allows it (CUDA only).
-        Off CUDA only fp8 and fuse_projections change anything.
+        - cuda_graphs: replay each denoiser call from a CUDA graph, for families whose call allows it (CUDA only);
+        - trace: replay each denoiser call from a TorchScript trace once its shape repeats (CPU only; accel/trace.py).
+        Off CUDA only fp8, fuse_projections and trace change anything.
         """
         from ..accel.fp8 import to_fp8
         from ..accel.graphs import GraphedFunction
+        from ..accel.trace import TracedFunction
 
         den = self.denoiser
         if fp8:
@@ -161,6 +164,8 @@ class Family:
             self.components[self.denoiser_name] = torch.compile(den)
         if cuda_graphs and self.cuda_graphs_ok and self.device.type == "cuda":
             self.graphed = GraphedFunction(self.denoise)
+        elif trace and self.trace_ok and self.device.type == "cpu":
+            self.graphed = TracedFunction(self.denoiser, self.denoise)
 
     def denoise(self, *tensors: torch.Tensor) -> torch.Tensor:
         """The bare denoiser call on tensors only (what a CUDA graph records); families with graphs define it."""

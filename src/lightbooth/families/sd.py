@@ -29,6 +29,7 @@ class SDFamily(Family):
     samplers = ("ddim", "euler", "flow_euler")
     presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
     cuda_graphs_ok = True
+    trace_ok = True
     fuse_projections_ok = True
 
     def __init__(self, components, path, device, dtype):
@@ -96,6 +97,8 @@ class SDFamily(Family):
         ts = self.timesteps(preset.steps)
         ac = self.ac.to(self.device)
         both = cfg_batch(cond, uncond, preset.guidance)
+        if self.graphed is not None:
+            self.graphed.begin_run()
 
         def predict(xin, t):
             fwd = lambda xx, c: self._unet(xx, c, t)  # noqa: E731
