@@ -73,3 +73,27 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stepz" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_anchor_phase_is_single_scenes_captioned_in_full_with_one_template_then_everything():
+    from lightbooth.data import shapes
+    from lightbooth.families.qwen_image import pack
+    from lightbooth.training.base import LatentCaptions, scene_at
+
+    latents = torch.randn(60, 4, 4, 4)
+    captions = LatentCaptions(latents, seed=3, dropout=0.0, anchor_steps=10)
+    singles = [i for i in range(60) if scene_at(3, i).kind == "single"]
+    assert 5 < len(singles) < 40
+    captions.step = 9
+    for i in range(60):
+        x, text = captions[i]
+        k = singles[i % len(singles)]  # every item is a single scene, its latent and caption agree
+        assert torch.equal(x, pack(latents[k:k + 1])[0])
+        assert text in {shapes.full_caption(scene_at(3, k), lang, 0) for lang in ("en", "zh")}
+    texts = [captions[i][1] for i in range(60)]
+    assert {any("\u4e00" <= ch <= "\u9fff" for ch in t) for t in texts} == {True, False}  # both languages
+    captions.step = 10
+    items = [captions[i] for i in range(60)]
+    assert all(torch.equal(x, pack(latents[i:i + 1])[0]) for i, (x, _) in enumerate(items))  # all kinds again
+    full = [{shapes.full_caption(scene_at(3, i), lang, 0) for lang in ("en", "zh")} for i in range(60)]
+    assert sum(t not in f for (_, t), f in zip(items, full)) > 30  # other templates, attributes left out

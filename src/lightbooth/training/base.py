@@ -51,6 +51,11 @@ class BaseTrainConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # empty prompt this often, so CFG has an unconditional model
+    # the first anchor_steps flow steps train on single-object scenes only, captioned in full with one fixed
+    # template per language: with the cell words always at about the same token index the transformer learns
+    # positions (it has no absolute position embedding, only rotary offsets to text tokens); on the varied
+    # captions alone, or with pairs and counts mixed in, it did not (bench/position_probe.py; BENCHMARKS.md)
+    anchor_steps: int = 1500
     train_shift: float = 3.0  # flow shift on training noise levels: layout, colour and place are decided at high noise
     # (1.0 was tried, 12,000 steps: better at low noise, worse backgrounds and colours; BENCHMARKS.md)
     sample_shift: float = 3.0  # the shipped scheduler's fixed shift, likewise spending steps at high noise
@@ -185,10 +190,17 @@ def build_transformer(cfg: BaseTrainConfig):
 
 
 class LatentCaptions(torch.utils.data.Dataset):
-    """Cached latents with a fresh random caption (English or Chinese, random phrasing) each time."""
+    """Cached latents with a fresh random caption (English or Chinese, random phrasing) each time.
 
-    def __init__(self, latents: torch.Tensor, seed: int, dropout: float):
+    While `step` (the training step, kept up to date by the trainer) is below `anchor_steps`, every item is a
+    single-object scene (index i stands for the i-th one, cyclically) captioned with every attribute in template 0
+    of its language (the recipe's anchor phase).
+    """
+
+    def __init__(self, latents: torch.Tensor, seed: int, dropout: float, anchor_steps: int = 0):
         self.latents, self.seed, self.dropout, self.draws = latents, seed, dropout, 0
+        self.anchor_steps, self.step = anchor_steps, 0
+        self.singles = [i for i in range(len(latents)) if scene_at(seed, i).kind == "single"] if anchor_steps else []
 
     def __len__(self):
         return len(self.latents)
@@ -196,7 +208,16 @@ class LatentCaptions(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.draws += 1
         rng = np.random.default_rng([self.seed, i, self.draws])
-        text = "" if rng.random() < self.dropout else shapes.caption(scene_at(self.seed, i), rng.choice(["en", "zh"]), rng)
+        lang = rng.choice(["en", "zh"])
+        anchor = self.step < self.anchor_steps and self.singles
+        if anchor:
+            i = self.singles[i % len(self.singles)]
+        if rng.random() < self.dropout:
+            text = ""
+        elif anchor:
+            text = shapes.full_caption(scene_at(self.seed, i), lang, 0)
+        else:
+            text = shapes.caption(scene_at(self.seed, i), lang, rng)
         return pack(self.latents[i:i + 1])[0], text
 
 

@@ -56,6 +56,7 @@ class FlowModule(L.LightningModule):
                                         "transformer": B.build_transformer(cfg)})
         self.ema = torch.optim.swa_utils.AveragedModel(self.net, avg_fn=ema_with_warmup(cfg.ema_decay))
         self.ema.requires_grad_(False)
+        self.captions: B.LatentCaptions | None = None  # the training captions, told the step (anchor phase)
 
     def training_step(self, batch, _):
         x0, texts = batch  # (B, N, 4z) packed latents, list of captions
@@ -68,6 +69,14 @@ class FlowModule(L.LightningModule):
         loss = flow_matching_loss(v, x0, noise)
         self.log("loss", loss, prog_bar=True)
         return loss
+
+    def on_train_start(self):
+        if self.captions is not None:  # after a resume, before the first batch is fetched
+            self.captions.step = self.global_step
+
+    def on_train_batch_start(self, *args):
+        if self.captions is not None:  # the loader fetches ahead, so the next caption is for about step + 1
+            self.captions.step = self.global_step + 1
 
     def on_train_batch_end(self, *args):
         self.ema.update_parameters(self.net)
@@ -112,7 +121,8 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
     latents = _latent_stage(cfg, run, vae)
     module = FlowModule(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
     if not stage_done(run, "flow"):
-        loader = torch.utils.data.DataLoader(B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout),
+        module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, cfg.anchor_steps)
+        loader = torch.utils.data.DataLoader(module.captions,
                                              batch_size=cfg.batch, shuffle=True, collate_fn=B.collate,
                                              drop_last=True)
         fit(module, loader, cfg.steps, run / "flow", cfg, "flow")

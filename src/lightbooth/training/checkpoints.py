@@ -94,7 +94,8 @@ def run_fit(trainer: L.Trainer, module: L.LightningModule, ckpt: PeriodicCheckpo
 
     handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after a Ctrl-C; give it back after
     try:
-        trainer.fit(module, ckpt_path=str(resume) if resume else None, **loaders)
+        # weights_only: the checkpoint is read without unpickling code, as newest_valid_checkpoint checked it
+        trainer.fit(module, ckpt_path=str(resume) if resume else None, weights_only=True, **loaders)
     except BaseException as e:
         if is_interrupt(e):
             where = ckpt.saved_on_exit or ckpt.folder
