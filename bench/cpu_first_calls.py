@@ -49,7 +49,9 @@ def main(argv=None):
         for _ in range(args.loads):
             for name in times:
                 if name == "stock":
-                    pipe = cg.load_stock(args.family, path, Generator.load(path, device="cpu", fast=False))
+                    # the stock Qwen pipeline needs lightbooth's prefix length; SD needs nothing from lightbooth
+                    ref = Generator.load(path, device="cpu", fast=False) if args.family == "qwen-image" else None
+                    pipe = cg.load_stock(args.family, path, ref)
                     pipe.scheduler = cg.stock_scheduler(pipe, case, pipe.scheduler)
                     fn = lambda: cg.run_stock(pipe, case, "seeds", args.batch, spec["px"])  # noqa: E731
                 else:

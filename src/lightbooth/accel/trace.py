@@ -20,9 +20,7 @@ from typing import Callable
 
 import torch
 
-
-def _key(args: tuple[torch.Tensor, ...]) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+from .graphs import _key  # one trace per argument shape, keyed as CUDA graphs are
 
 
 class _Call(torch.nn.Module):
