@@ -202,6 +202,19 @@ def test_worlds_example_captions():
         "en", rng) for _ in range(100)}
 
 
+def test_training_captions_sometimes_leave_the_colour_out_but_never_for_pairs():
+    """So that "a circle" is a prompt the model has seen, and can answer with any colour."""
+    rng = np.random.default_rng(3)
+    single = one("circle", "red", "large", "left", 16.0, 32.0, "white")
+    caps = [S.caption_and_stated(single, "en", rng) for _ in range(400)]
+    assert "a circle" in {c for c, _ in caps}
+    no_colour = [c for c, st in caps if "color" not in st]
+    assert 0.08 < len(no_colour) / len(caps) < 0.25 and not any("red" in c for c in no_colour)
+    assert "一个圆形" in {S.caption(single, "zh", rng) for _ in range(400)}
+    pair = S.sample_scene(rng, "pair")
+    assert all("color" in S.caption_and_stated(pair, "en", rng)[1] for _ in range(200))
+
+
 def test_at_least_three_templates_per_kind_and_language():
     rng = np.random.default_rng(2)
     for kind in S.KINDS:
@@ -217,10 +230,10 @@ _COL, _SHP, _CELL = _ALT(S.COLORS), _ALT(S.SHAPES), _ALT(S.CELLS)
 _CELL_PHRASE = {"in the top left": "top left", "at the top": "top", "in the top right": "top right",
                 "on the left": "left", "in the center": "center", "on the right": "right",
                 "in the bottom left": "bottom left", "at the bottom": "bottom", "in the bottom right": "bottom right"}
-_OBJ_EN = re.compile(rf"\b(an?|two|three|four|the) (?:(small|large) )?({_COL}) ({_SHP})(?:e?s)?\b"
+_OBJ_EN = re.compile(rf"\b(an?|two|three|four|the) (?:(small|large) )?(?:({_COL}) )?({_SHP})(?:e?s)?\b"
                      rf"(?: ({_ALT(_CELL_PHRASE)}))?")
 _Z = {v: k for table in (S.COLOR_ZH, S.SHAPE_ZH, S.CELL_ZH, S.BACKGROUND_ZH, S.SIZE_ZH) for k, v in table.items()}
-_OBJ_ZH = re.compile(rf"(?:({_ALT(S.CELL_ZH.values())})的)?(?:(大|小)的)?({_ALT(S.COLOR_ZH.values())})"
+_OBJ_ZH = re.compile(rf"(?:({_ALT(S.CELL_ZH.values())})的)?(?:(大|小)的)?({_ALT(S.COLOR_ZH.values())})?"
                      rf"({_ALT(S.SHAPE_ZH.values())})")
 _REL = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below",
         "左边": "left of", "右边": "right of", "上面": "above", "下面": "below"}
@@ -256,7 +269,7 @@ def read_caption(text: str, lang: str) -> dict:
         take(rf"分别在((?:{cz})(?:[、和](?:{cz}))*)", "cells", lambda m: [_Z[c] for c in re.split("[、和]", m[1])])
         take(r"(两|三|四)个", "count", lambda m: _NUM[m[1]])
         for m in _OBJ_ZH.finditer(text):
-            claims["objects"].append((_Z.get(m[2]), _Z[m[3]], _Z[m[4]], _Z.get(m[1])))
+            claims["objects"].append((_Z.get(m[2]), _Z.get(m[3]), _Z[m[4]], _Z.get(m[1])))
         text = _OBJ_ZH.sub(" | ", text)
         loose = re.findall(cz, text)  # a single object's position stands on its own
         if loose:
@@ -277,6 +290,9 @@ def assert_claims_true(claims: dict, det: D.Detection, scene: S.Scene, cap: str)
     found = {(o.color, o.shape): [] for o in det.objects}
     for o in det.objects:
         found[o.color, o.shape].append(o)
+    if all(c is None for _, c, _, _ in claims["objects"]):  # colour left out (one-colour scenes only)
+        assert scene.kind != "pair" and len({o.color for o in det.objects}) == 1, cap
+        claims["objects"] = [(z, det.objects[0].color, s, c) for z, _, s, c in claims["objects"]]
     assert {(c, s) for _, c, s, _ in claims["objects"]} == set(found), cap
     for size, color, shape, cell in claims["objects"]:
         assert size is None or all(o.size == size for o in found[color, shape]), cap
@@ -327,10 +343,10 @@ def test_chinese_captions_use_world_names():
     rng = np.random.default_rng(9)
     for _ in range(60):
         scene = S.sample_scene(rng)
-        cap = S.caption(scene, "zh", rng)
+        cap, stated = S.caption_and_stated(scene, "zh", rng)
         assert not re.search("[A-Za-z]", cap)
         for o in scene.objects:
-            assert S.COLOR_ZH[o.color] + S.SHAPE_ZH[o.shape] in cap
+            assert (S.COLOR_ZH[o.color] if "color" in stated else "") + S.SHAPE_ZH[o.shape] in cap
         if scene.kind == "count":
             assert {2: "两个", 3: "三个", 4: "四个"}[len(scene.objects)] in cap
 

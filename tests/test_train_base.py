@@ -97,3 +97,15 @@ def test_anchor_phase_is_single_scenes_captioned_in_full_with_one_template_then_
     assert all(torch.equal(x, pack(latents[i:i + 1])[0]) for i, (x, _) in enumerate(items))  # all kinds again
     full = [{shapes.full_caption(scene_at(3, i), lang, 0) for lang in ("en", "zh")} for i in range(60)]
     assert sum(t not in f for (_, t), f in zip(items, full)) > 30  # other templates, attributes left out
+
+
+def test_a_uniform_share_of_noise_levels_reaches_the_low_noise_end():
+    from lightbooth.training.losses import mixed_sigmas
+
+    g = torch.Generator().manual_seed(0)
+    shifted = mixed_sigmas(20000, 3.0, 0.0, g)
+    mixed = mixed_sigmas(20000, 3.0, 0.3, g)
+    assert bool(((shifted > 0) & (shifted < 1)).all() and ((mixed > 0) & (mixed < 1)).all())
+    low = lambda s: float((s < 0.3).float().mean())  # noqa: E731
+    # shift 3 leaves about 2.6% of levels below 0.3; a 30% uniform share adds 0.3 * 0.3 = 9 points
+    assert abs(low(shifted) - 0.026) < 0.01 and abs(low(mixed) - (0.7 * 0.026 + 0.09)) < 0.015

@@ -318,14 +318,22 @@ _NUM_EN = {2: "two", 3: "three", 4: "four"}
 _NUM_ZH = {2: "两个", 3: "三个", 4: "四个"}
 
 
+COLOR_OMITTED = 0.15  # share of single and count training captions that leave the colour out
+
+
 def _optional_attributes(rng: np.random.Generator, kind: str) -> frozenset[str]:
-    """Which optional attributes a training caption states; each is a coin flip (cells rarer for counts)."""
-    p = {"size": 0.5, "background": 0.5, "cell": 0.25 if kind == "count" else 0.5}
+    """Which optional attributes a training caption states; each is a coin flip (cells rarer for counts).
+
+    Colour is left out now and then for one-colour scenes (never for pairs, whose objects colours tell apart), so
+    that prompts like "a circle" are in the training distribution and a model can answer them with any colour.
+    """
+    p = {"size": 0.5, "background": 0.5, "cell": 0.25 if kind == "count" else 0.5,
+         "color": 1.0 if kind == "pair" else 1 - COLOR_OMITTED}
     return frozenset(a for a, q in p.items() if rng.random() < q)
 
 
 def _stated(scene: Scene, optional: frozenset[str]) -> frozenset[str]:
-    always = {"color", "shape"} | ({"relation"} if scene.kind == "pair" else set())
+    always = {"shape"} | ({"color", "relation"} if scene.kind == "pair" else set())
     return frozenset(always | ({"count"} if scene.kind == "count" else set()) | optional)
 
 
@@ -343,7 +351,7 @@ def caption(scene: Scene, lang: str, rng: np.random.Generator) -> str:
 
 def full_caption(scene: Scene, lang: str, template: int = 0) -> str:
     """The caption of `template` stating every attribute; it is also a possible output of `caption`."""
-    return _compose(scene, lang, template, frozenset({"size", "background", "cell"}))
+    return _compose(scene, lang, template, frozenset({"size", "background", "cell", "color"}))
 
 
 def _compose(scene: Scene, lang: str, template: int, opt: frozenset[str]) -> str:
@@ -360,7 +368,7 @@ def _article(phrase: str) -> str:
 
 
 def _en_object(o: Obj, opt, with_cell: bool = True) -> str:
-    words = ([o.size] if "size" in opt else []) + [o.color, o.shape]
+    words = ([o.size] if "size" in opt else []) + ([o.color] if "color" in opt else []) + [o.shape]
     cell = f" {_CELL_EN[o.cell]}" if with_cell and "cell" in opt else ""
     return _article(" ".join(words)) + cell
 
@@ -368,7 +376,8 @@ def _en_object(o: Obj, opt, with_cell: bool = True) -> str:
 def _zh_object(o: Obj, opt, with_cell: bool = False) -> str:
     cell = f"{CELL_ZH[o.cell]}的" if with_cell and "cell" in opt else ""
     size = f"{SIZE_ZH[o.size]}的" if "size" in opt else ""
-    return f"{cell}{size}{COLOR_ZH[o.color]}{SHAPE_ZH[o.shape]}"
+    color = COLOR_ZH[o.color] if "color" in opt else ""
+    return f"{cell}{size}{color}{SHAPE_ZH[o.shape]}"
 
 
 def _single_en(scene: Scene, template: int, opt) -> str:
@@ -410,7 +419,7 @@ def _pair_zh(scene: Scene, template: int, opt) -> str:
         return (f"{bg}背景上，" if has_bg else "") + f"{za}在{zb}的{rel}"
     if template == 1:
         return f"{za}位于{zb}的{rel}" + (f"，背景是{bg}的" if has_bg else "")
-    short_a, short_b = _zh_object(a, ()), _zh_object(b, ())
+    short_a, short_b = _zh_object(a, ("color",)), _zh_object(b, ("color",))
     return (f"{bg}背景上" if has_bg else "图片中") + f"有一个{za}和一个{zb}，{short_a}在{short_b}的{rel}"
 
 
@@ -424,7 +433,8 @@ def _join(names: Sequence[str], conj: str, sep: str) -> str:
 
 def _count_en(scene: Scene, template: int, opt) -> str:
     o, n, bg = scene.objects[0], len(scene.objects), scene.background
-    words = [_NUM_EN[n]] + ([o.size] if "size" in opt else []) + [o.color, _plural(o.shape)]
+    words = [_NUM_EN[n]] + ([o.size] if "size" in opt else []) + ([o.color] if "color" in opt else []) \
+        + [_plural(o.shape)]
     core = " ".join(words)
     if "cell" in opt:
         core += " at " + _join([x.cell for x in scene.objects], " and ", ", ")

@@ -14,7 +14,7 @@ from ..families.qwen_vae import fast_rms_norms, single_frame_convs
 from ..safeload import load_safetensors, save_safetensors_atomic
 from . import base as B
 from .checkpoints import PeriodicCheckpoint, PlainProgress, newest_valid_checkpoint, run_fit
-from .losses import flow_matching_loss, flow_noisy, logit_normal_sigmas, vae_loss
+from .losses import flow_matching_loss, flow_noisy, mixed_sigmas, vae_loss
 
 
 def ema_with_warmup(decay: float):
@@ -61,7 +61,7 @@ class FlowModule(L.LightningModule):
     def training_step(self, batch, _):
         x0, texts = batch  # (B, N, 4z) packed latents, list of captions
         noise = torch.randn_like(x0)
-        sigma = logit_normal_sigmas(x0.shape[0], shift=self.cfg.train_shift).to(x0)
+        sigma = mixed_sigmas(x0.shape[0], self.cfg.train_shift, self.cfg.train_uniform).to(x0)
         cond = prompt_embeds(self.tokenizer, self.net["text_encoder"], texts, self.prefix, x0.device)
         v = self.net["transformer"](hidden_states=flow_noisy(x0, noise, sigma), timestep=sigma,
                                     encoder_hidden_states=cond.embeds, encoder_hidden_states_mask=cond.mask,

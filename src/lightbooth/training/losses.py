@@ -60,6 +60,14 @@ def logit_normal_sigmas(n: int, generator: torch.Generator | None = None, mean: 
     return shift * t / (1 + (shift - 1) * t)
 
 
+def mixed_sigmas(n: int, shift: float, uniform_share: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shifted logit-normal noise levels, with a share `uniform_share` of the batch drawn uniformly from (0, 1)
+    instead: the shift spends training on high noise, the uniform share keeps the low-noise end (edges) trained."""
+    sigma = logit_normal_sigmas(n, generator, shift=shift)
+    uniform = torch.rand(n, generator=generator) < uniform_share
+    return torch.where(uniform, torch.rand(n, generator=generator).clamp(1e-3, 1 - 1e-3), sigma)
+
+
 def vae_loss(recon: torch.Tensor, target: torch.Tensor, kl: torch.Tensor, kl_weight: float) -> torch.Tensor:
     """Pixel L1 + MSE plus a small KL (Kingma & Welling 2014), the weighting SD's autoencoders use in spirit."""
     err = recon.float() - target.float()
