@@ -4,7 +4,8 @@
 
 On the single-object prompts of `lightbooth eval` (same scenes, captions and seeds), per language: the share of
 images whose background is the asked one, whose main foreground colour (most pixels nearest to it among the
-palette) is the asked colour, and whose foreground centroid lies in the asked cell. Strict accuracy (`lightbooth
+palette) is the asked colour, whose foreground centroid lies in the asked cell, and whose asked-colour mass is best
+fitted by the asked shape's template (the detector's soft IoU with no acceptance threshold; chance 1 in 6). Strict accuracy (`lightbooth
 eval`) stays the measure the targets use; this one only separates "follows the prompt with bad shapes" from "does
 not follow it".
 """
@@ -37,6 +38,23 @@ def centroid_cell(image) -> str | None:
     return shapes.CELL_NAMES[row * 3 + col]
 
 
+def best_shape(image, color: str) -> str | None:
+    """The world shape whose template (either size) best fits the asked colour's mass in the image, however poor
+    the fit: the detector's own soft IoU without its acceptance thresholds (chance is 1 in 6)."""
+    from lightbooth.data import shapes
+    from lightbooth.eval import detector as D
+
+    arr = D._as_array(image)
+    bg = np.median(arr[[0, 0, -1, -1], [0, -1, 0, -1]], axis=0)
+    alpha = D._alpha(arr, bg, [shapes.COLORS[color]])
+    alpha = np.where(alpha > 0.15, alpha, 0.0)  # drop the faint haze a dark colour leaves on the background
+    if alpha.sum() < 15:
+        return None
+    mx, my = D._centroid(alpha)
+    fits = [(D._soft_iou(alpha, sh, sz, mx, my)[0], sh) for sh in shapes.SHAPES for sz in shapes.SIZES]
+    return max(fits)[1]
+
+
 def scores(gen, n: int, preset: str | None) -> dict[str, dict[str, float]]:
     from lightbooth.data import shapes
     from lightbooth.eval.detector import detect
@@ -53,6 +71,8 @@ def scores(gen, n: int, preset: str | None) -> dict[str, dict[str, float]]:
             "background": float(np.mean([detect(im).background == sc.background for im, sc in zip(images, scenes)])),
             "colour": float(np.mean([main_colour(im) == sc.objects[0].color for im, sc in zip(images, scenes)])),
             "cell": float(np.mean([centroid_cell(im) == sc.objects[0].cell for im, sc in zip(images, scenes)])),
+            "shape": float(np.mean([best_shape(im, sc.objects[0].color) == sc.objects[0].shape
+                                    for im, sc in zip(images, scenes)])),
         }
     return out
 
@@ -73,7 +93,7 @@ def main() -> int:
     label = f"{args.model or 'built-in'} {' '.join(args.lora)} preset {gen.settings(preset=args.preset).preset_name}"
     for lang, r in res.items():
         print(f"{label} | {lang} | background {r['background']:.0%} | main colour {r['colour']:.0%} | "
-              f"cell {r['cell']:.0%}")
+              f"cell {r['cell']:.0%} | best-fitting shape {r['shape']:.0%}")
     return 0
 
 
