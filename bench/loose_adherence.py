@@ -1,6 +1,6 @@
 """A lenient reading of prompt adherence, for models whose objects are blobs the strict detector rejects.
 
-    python bench/loose_adherence.py [--model DIR] [--lora PATH] [--preset P] [--n 32]
+    python bench/loose_adherence.py [--model DIR] [--lora PATH] [--preset P] [--n 32] [--guidance 2,4]
 
 On the single-object prompts of `lightbooth eval` (same scenes, captions and seeds), per language: the share of
 images whose background is the asked one, whose main foreground colour (most pixels nearest to it among the
@@ -55,14 +55,14 @@ def best_shape(image, color: str) -> str | None:
     return max(fits)[1]
 
 
-def scores(gen, n: int, preset: str | None) -> dict[str, dict[str, float]]:
+def scores(gen, n: int, preset: str | None, **overrides) -> dict[str, dict[str, float]]:
     from lightbooth.data import shapes
     from lightbooth.eval.detector import detect
     from lightbooth.eval.quality import prompt_set
     from lightbooth.generate import Job
 
     scenes = prompt_set("single", n)
-    s = gen.settings(preset=preset)
+    s = gen.settings(preset=preset, **overrides)
     out = {}
     for lang in ("en", "zh"):
         jobs = [Job(shapes.full_caption(sc, lang, template=i % shapes.N_TEMPLATES), i) for i, sc in enumerate(scenes)]
@@ -86,14 +86,17 @@ def main() -> int:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--guidance", default="", help="comma-separated CFG scales to compare (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = Generator.load(args.model, loras=args.lora, device="cpu", preset=args.preset)
-    res = scores(gen, args.n, args.preset)
-    label = f"{args.model or 'built-in'} {' '.join(args.lora)} preset {gen.settings(preset=args.preset).preset_name}"
-    for lang, r in res.items():
-        print(f"{label} | {lang} | background {r['background']:.0%} | main colour {r['colour']:.0%} | "
-              f"cell {r['cell']:.0%} | best-fitting shape {r['shape']:.0%}")
+    for g in [float(x) for x in args.guidance.split(",") if x] or [None]:
+        res = scores(gen, args.n, args.preset, **({} if g is None else {"guidance": g}))
+        label = f"{args.model or 'built-in'} {' '.join(args.lora)} preset {gen.settings(preset=args.preset).preset_name}"
+        label += "" if g is None else f" CFG {g:g}"
+        for lang, r in res.items():
+            print(f"{label} | {lang} | background {r['background']:.0%} | main colour {r['colour']:.0%} | "
+                  f"cell {r['cell']:.0%} | best-fitting shape {r['shape']:.0%}")
     return 0
 
 
