@@ -1,6 +1,6 @@
 """How much of the shapes world survives a VAE round trip, read by the same detector `lightbooth eval` uses.
 
-    python bench/vae_recon.py --vae src/lightbooth/builtin/model/vae --n 96
+    python bench/vae_recon.py --vae src/lightbooth/builtin/model/vae --n 96 [--noise 0.1,0.2,0.3]
 
 A generated image can only pass the strict check if the VAE can draw it, so the share of reconstructions that
 pass is a ceiling on the built-in model's prompt accuracy. Scenes are drawn from the world's own sampler (all
@@ -24,12 +24,17 @@ from lightbooth.data import shapes  # noqa: E402
 from lightbooth.eval import detector  # noqa: E402
 
 
-def round_trip(vae, images) -> list:
+def round_trip(vae, images, noise: float = 0.0, seed: int = 0) -> list:
+    """Encode (posterior mean), add Gaussian noise of std `noise` in the pipeline's normalized latent units (what
+    a flow model's small errors look like to the decoder), decode."""
     from PIL import Image
 
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
     with torch.inference_mode():
         z = vae.encode(x[:, :, None]).latent_dist.mean
+        if noise:
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+            z = z + noise * std * torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
         y = vae.decode(z, return_dict=False)[0][:, :, 0]
     arr = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
@@ -40,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae", required=True, help="an AutoencoderKLQwenImage folder")
     ap.add_argument("--n", type=int, default=96, help="scenes per kind")
     ap.add_argument("--seed", type=int, default=4321)
+    ap.add_argument("--noise", default="", help="comma-separated latent noise levels: pass rates of the single "
+                    "scenes decoded from noisy latents (how forgiving the decoder is)")
     args = ap.parse_args(argv)
     from diffusers import AutoencoderKLQwenImage
 
@@ -61,6 +68,12 @@ def main(argv=None) -> int:
         print(f"  {kind:6s}: reconstructions pass {passed[kind]}/{args.n} ({100 * passed[kind] / args.n:.0f}%), "
               f"originals {originals[kind]}/{args.n}")
     print("  first mismatch of failing reconstructions:", dict(why.most_common(6)))
+    rng = np.random.default_rng(args.seed + 1)
+    singles = [shapes.sample_scene(rng, "single") for _ in range(args.n)]
+    for level in [float(x) for x in args.noise.split(",") if x]:
+        recs = round_trip(vae, [shapes.render(s) for s in singles], level)
+        ok = sum(detector.check(s, detector.detect(r)) for s, r in zip(singles, recs))
+        print(f"  single scenes, latent noise std {level:g}: {ok}/{args.n} pass")
     return 0
 
 

@@ -21,7 +21,8 @@ def tiny_run(tmp_path_factory):
 
 
 def test_run_folder_holds_every_stage_and_a_diffusers_model(tiny_run):
-    for part in ("config.yaml", "tokenizer/tokenizer.json", "vae/DONE", "vae/final/config.json", "flow/DONE",
+    for part in ("config.yaml", "tokenizer/tokenizer.json", "vae/DONE", "vae/final/config.json", "decoder/DONE",
+                 "decoder/final/config.json", "flow/DONE",
                  "latents.safetensors", "model/model_index.json", "model/lightbooth.json"):
         assert (tiny_run / part).exists(), part
     assert [s for s, _ in checkpoint_steps(tiny_run / "flow")] == [6, 3]  # every 3 steps, keep 2
@@ -109,3 +110,19 @@ def test_a_uniform_share_of_noise_levels_reaches_the_low_noise_end():
     low = lambda s: float((s < 0.3).float().mean())  # noqa: E731
     # shift 3 leaves about 2.6% of levels below 0.3; a 30% uniform share adds 0.3 * 0.3 = 9 points
     assert abs(low(shifted) - 0.026) < 0.01 and abs(low(mixed) - (0.7 * 0.026 + 0.09)) < 0.015
+
+
+def test_the_decoder_stage_changes_the_decoder_only(tiny_run):
+    """The noise-robust decoder fine-tune must leave the encoder, and so the cached latents, exactly as they were;
+    the exported model carries the fine-tuned decoder."""
+    from safetensors.torch import load_file
+
+    name = "diffusion_pytorch_model.safetensors"
+    before, after = load_file(str(tiny_run / "vae/final" / name)), load_file(str(tiny_run / "decoder/final" / name))
+    exported = load_file(str(tiny_run / "model/vae" / name))
+    assert before.keys() == after.keys()
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        assert same if k.startswith(("encoder.", "quant_conv.")) else True, k
+        assert torch.equal(exported[k], after[k]), k
+    assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))

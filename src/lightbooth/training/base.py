@@ -41,6 +41,9 @@ class BaseTrainConfig:
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # then the decoder alone learns to decode latents with noise of std up to decoder_noise (normalized units)
+    decoder_steps: int = 3000
+    decoder_noise: float = 0.15  # 0.3 survives more noise but costs clean pairs (92% -> 73% pass); BENCHMARKS.md
     # transformer (QwenImageTransformer2DModel)
     dim: int = 128  # heads * 32
     layers: int = 4

@@ -45,6 +45,38 @@ class VAEModule(L.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
+class DecoderModule(L.LightningModule):
+    """Fine-tunes a trained VAE's decoder on latents with noise added, the encoder frozen (so cached latents stay
+    valid). A decoder trained only on exact posterior means turns small latent errors into mottled blobs (at a
+    noise std of 0.1 in normalized units, 30 of 48 reconstructions still pass the detector, down from 47); a
+    flow model's samples always carry such errors, so the decoder learns to map near-misses to clean shapes."""
+
+    def __init__(self, cfg: B.BaseTrainConfig, vae):
+        super().__init__()
+        self.cfg, self.vae = cfg, vae
+        self.vae.requires_grad_(False)
+        for part in (self.vae.decoder, self.vae.post_quant_conv):
+            part.requires_grad_(True)
+        z = cfg.vae_z_dim
+        self.register_buffer("std", torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1))
+
+    def training_step(self, x, _):
+        with torch.no_grad():
+            z = self.vae.encode(x[:, :, None]).latent_dist.mean
+            level = torch.rand(z.shape[0], 1, 1, 1, 1, device=z.device) * self.cfg.decoder_noise
+            z = z + level * self.std * torch.randn_like(z)
+        recon = self.vae.decode(z).sample[:, :, 0]
+        loss = vae_loss(recon, x, torch.zeros(1, device=x.device), 0.0)
+        self.log("decoder_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.vae.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.vae_lr / 2, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(100, self.cfg.decoder_steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
 class FlowModule(L.LightningModule):
     """Flow matching on cached latents; the text encoder learns jointly with the transformer."""
 
@@ -117,7 +149,7 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
     tok_dir = run / "tokenizer"
     tokenizer = Qwen2Tokenizer.from_pretrained(str(tok_dir)) if (tok_dir / "tokenizer.json").exists() \
         else B.train_tokenizer(cfg, tok_dir)
-    vae = _vae_stage(cfg, run)
+    vae = _decoder_stage(cfg, run, _vae_stage(cfg, run))
     latents = _latent_stage(cfg, run, vae)
     module = FlowModule(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
     if not stage_done(run, "flow"):
@@ -159,6 +191,28 @@ def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(str(final), safe_serialization=True)
     mark_done(run, "vae")
+    return vae
+
+
+def _decoder_stage(cfg: B.BaseTrainConfig, run: Path, vae):
+    """The noise-robust decoder (DecoderModule); the encoder, and so the latent cache, is unchanged."""
+    from diffusers import AutoencoderKLQwenImage
+
+    if not cfg.decoder_steps:
+        return vae
+    final = run / "decoder" / "final"
+    if stage_done(run, "decoder"):
+        vae = AutoencoderKLQwenImage.from_pretrained(str(final), use_safetensors=True).eval()
+        single_frame_convs(vae)
+        fast_rms_norms(vae)
+        return vae
+    module = DecoderModule(cfg, vae.train())
+    loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed + 1, cfg.vae_crop, 2 ** cfg.vae_downsamples),
+                                         batch_size=cfg.vae_batch)
+    fit(module, loader, cfg.decoder_steps, run / "decoder", cfg, "decoder")
+    vae = module.vae.eval().requires_grad_(False)
+    vae.save_pretrained(str(final), safe_serialization=True)
+    mark_done(run, "decoder")
     return vae
 
 
