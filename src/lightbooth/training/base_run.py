@@ -173,15 +173,19 @@ def _load_module(module, folder: Path):
     return module
 
 
-def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
+def _load_vae(folder: Path):
     from diffusers import AutoencoderKLQwenImage
 
+    vae = AutoencoderKLQwenImage.from_pretrained(str(folder), use_safetensors=True).eval()
+    single_frame_convs(vae)
+    fast_rms_norms(vae)
+    return vae
+
+
+def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
     final = run / "vae" / "final"
     if stage_done(run, "vae"):
-        vae = AutoencoderKLQwenImage.from_pretrained(str(final), use_safetensors=True).eval()
-        single_frame_convs(vae)
-        fast_rms_norms(vae)
-        return vae
+        return _load_vae(final)
     module = VAEModule(cfg)
     loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed, cfg.vae_crop, 2 ** cfg.vae_downsamples),
                                          batch_size=cfg.vae_batch)
@@ -196,16 +200,11 @@ def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
 
 def _decoder_stage(cfg: B.BaseTrainConfig, run: Path, vae):
     """The noise-robust decoder (DecoderModule); the encoder, and so the latent cache, is unchanged."""
-    from diffusers import AutoencoderKLQwenImage
-
     if not cfg.decoder_steps:
         return vae
     final = run / "decoder" / "final"
     if stage_done(run, "decoder"):
-        vae = AutoencoderKLQwenImage.from_pretrained(str(final), use_safetensors=True).eval()
-        single_frame_convs(vae)
-        fast_rms_norms(vae)
-        return vae
+        return _load_vae(final)
     module = DecoderModule(cfg, vae.train())
     loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed + 1, cfg.vae_crop, 2 ** cfg.vae_downsamples),
                                          batch_size=cfg.vae_batch)
