@@ -61,7 +61,7 @@ class BaseTrainConfig:
     anchor_steps: int = 1500
     train_shift: float = 3.0  # flow shift on training noise levels: layout, colour and place are decided at high noise
     # (1.0 was tried, 12,000 steps: better at low noise, worse backgrounds and colours; BENCHMARKS.md)
-    train_uniform: float = 0.0  # share of training noise levels drawn uniformly instead (low-noise end: edges)
+    train_uniform: float = 0.0  # share of noise levels drawn uniformly instead (0.3 was worse; BENCHMARKS.md)
     sample_shift: float = 3.0  # the shipped scheduler's fixed shift, likewise spending steps at high noise
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
