@@ -67,6 +67,21 @@ def test_resume_continues_from_the_newest_good_checkpoint(tmp_path, capsys):
     assert state["global_step"] == 6
 
 
+def test_resume_with_more_steps_trains_a_finished_run_on(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train-base", "--config", str(TINY), "--out", str(run), "--steps", "3"]) == 0
+    from safetensors.torch import load_file
+
+    weights = lambda: load_file(str(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))  # noqa: E731
+    before = weights()
+    assert main(["train-base", "--out", str(run), "--resume", "--steps", "3"]) == 0  # nothing more asked
+    assert [s for s, _ in checkpoint_steps(run / "flow")] == [3]
+    assert all(torch.equal(before[k], v) for k, v in weights().items())
+    assert main(["train-base", "--out", str(run), "--resume", "--steps", "6"]) == 0
+    assert [s for s, _ in checkpoint_steps(run / "flow")] == [6, 3] and (run / "flow" / "DONE").exists()
+    assert not all(torch.equal(before[k], v) for k, v in weights().items())
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 5\n")

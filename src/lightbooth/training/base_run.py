@@ -13,7 +13,7 @@ from ..families.qwen_image import prompt_embeds, template_prefix_length
 from ..families.qwen_vae import fast_rms_norms, single_frame_convs
 from ..safeload import load_safetensors, save_safetensors_atomic
 from . import base as B
-from .checkpoints import PeriodicCheckpoint, PlainProgress, newest_valid_checkpoint, run_fit
+from .checkpoints import PeriodicCheckpoint, PlainProgress, checkpoint_steps, newest_valid_checkpoint, run_fit
 from .losses import flow_matching_loss, flow_noisy, mixed_sigmas, vae_loss
 
 
@@ -110,7 +110,11 @@ class FlowModule(L.LightningModule):
         if self.captions is not None:  # the loader fetches ahead, so the next caption is for about step + 1
             self.captions.step = self.global_step + 1
 
-    def on_train_batch_end(self, *args):
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # here, not in on_train_batch_end: Lightning runs callbacks' hooks (the periodic checkpoint) before the
+        # module's, so a checkpoint would miss the step's EMA update and a resumed run would differ from one that
+        # never stopped
         self.ema.update_parameters(self.net)
 
     def configure_optimizers(self):
@@ -152,7 +156,7 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
     vae = _decoder_stage(cfg, run, _vae_stage(cfg, run))
     latents = _latent_stage(cfg, run, vae)
     module = FlowModule(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
-    if not stage_done(run, "flow"):
+    if not _flow_finished(run, cfg.steps):
         module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, cfg.anchor_steps)
         loader = torch.utils.data.DataLoader(module.captions,
                                              batch_size=cfg.batch, shuffle=True, collate_fn=B.collate,
@@ -163,6 +167,14 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
         module = _load_module(module, run / "flow")
     ema = module.ema.module
     return B.export_pipeline(cfg, run, tokenizer, vae, ema["text_encoder"].eval(), ema["transformer"].eval())
+
+
+def _flow_finished(run: Path, steps: int) -> bool:
+    """Done, and not asked for more: `--resume --steps N` past a finished run's last step trains on to N."""
+    if not stage_done(run, "flow"):
+        return False
+    newest = checkpoint_steps(run / "flow")
+    return not newest or newest[0][0] >= steps
 
 
 def _load_module(module, folder: Path):
