@@ -48,7 +48,7 @@ class BaseTrainConfig:
     dim: int = 128  # heads * 32
     layers: int = 4
     latent_cache: int = 20000  # scenes encoded once and reused, captions re-drawn each time
-    steps: int = 8000
+    steps: int = 12000
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 200
