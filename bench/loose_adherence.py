@@ -5,9 +5,9 @@
 On the single-object prompts of `lightbooth eval` (same scenes, captions and seeds), per language: the share of
 images whose background is the asked one, whose main foreground colour (most pixels nearest to it among the
 palette) is the asked colour, whose foreground centroid lies in the asked cell, and whose asked-colour mass is best
-fitted by the asked shape's template (the detector's soft IoU with no acceptance threshold; chance 1 in 6). Strict accuracy (`lightbooth
-eval`) stays the measure the targets use; this one only separates "follows the prompt with bad shapes" from "does
-not follow it".
+fitted by the asked shape's template (the detector's soft IoU with no acceptance threshold; chance 1 in 6). Strict
+accuracy (`lightbooth eval`) stays the measure the targets use; this one only separates "follows the prompt with bad
+shapes" from "does not follow it".
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = Generator.load(args.model, loras=args.lora, device="cpu", preset=args.preset)
+    preset = gen.settings(preset=args.preset).preset_name
+    base_label = f"{args.model or 'built-in'} {' '.join(args.lora)} preset {preset}"
     for g in [float(x) for x in args.guidance.split(",") if x] or [None]:
         res = scores(gen, args.n, args.preset, **({} if g is None else {"guidance": g}))
-        label = f"{args.model or 'built-in'} {' '.join(args.lora)} preset {gen.settings(preset=args.preset).preset_name}"
-        label += "" if g is None else f" CFG {g:g}"
+        label = base_label + ("" if g is None else f" CFG {g:g}")
         for lang, r in res.items():
             print(f"{label} | {lang} | background {r['background']:.0%} | main colour {r['colour']:.0%} | "
                   f"cell {r['cell']:.0%} | best-fitting shape {r['shape']:.0%}")

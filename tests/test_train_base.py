@@ -72,7 +72,8 @@ def test_resume_with_more_steps_trains_a_finished_run_on(tmp_path):
     assert main(["train-base", "--config", str(TINY), "--out", str(run), "--steps", "3"]) == 0
     from safetensors.torch import load_file
 
-    weights = lambda: load_file(str(run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))  # noqa: E731
+    path = run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights = lambda: load_file(str(path))  # noqa: E731
     before = weights()
     assert main(["train-base", "--out", str(run), "--resume", "--steps", "3"]) == 0  # nothing more asked
     assert [s for s, _ in checkpoint_steps(run / "flow")] == [3]
@@ -136,8 +137,6 @@ def test_the_decoder_stage_changes_the_decoder_only(tiny_run):
     before, after = load_file(str(tiny_run / "vae/final" / name)), load_file(str(tiny_run / "decoder/final" / name))
     exported = load_file(str(tiny_run / "model/vae" / name))
     assert before.keys() == after.keys()
-    for k in before:
-        same = torch.equal(before[k], after[k])
-        assert same if k.startswith(("encoder.", "quant_conv.")) else True, k
-        assert torch.equal(exported[k], after[k]), k
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert all(torch.equal(exported[k], after[k]) for k in after)
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
