@@ -16,10 +16,11 @@ Sections (in this order, each guarded so a failure or the time budget skips it a
                 (fp16 autocast + GradScaler, VAE and text encoder every step) vs lightbooth (cached latents and
                 embeddings, bf16, fused AdamW, the whole step replayed as one CUDA graph): time and peak memory
   qwen          Qwen-Image 1024x1024, Lightning 8 steps and 50 steps CFG 4: stock pipeline vs lightbooth in bf16
-                and with fp8 transformer weights (prompt embeddings given to both: text encoding is the same
-                transformers module in both and lightbooth caches it)
-  qwen-train    Qwen-Image LoRA r16 step at 1024x1024, batch 1, gradient checkpointing: bf16 (stock) vs lightbooth
-                with fp8-stored frozen weights; time and peak memory
+                and with fp8 transformer weights, each eager and with its blocks compiled (prompt embeddings given
+                to both: text encoding is the same transformers module in both and lightbooth caches it); one
+                forward of each variant timed against the stock forward; and the LoRA r16 step at 1024x1024,
+                batch 1, gradient checkpointing: bf16 (stock) vs lightbooth with fp8-stored frozen weights, eager
+                and compiled; time and peak memory
   sd-compile    optional, last: the SD UNet through torch.compile under the same CUDA graph (compile takes ~1 min)
 Results: OUT/gpu.json (everything) and OUT/gpu.md (the tables), written after every section.
 """
@@ -75,6 +76,7 @@ class Ctx:
         self.repeats = args.repeats
         self.qwen_cases = args.qwen_cases.split(",")
         self.profile = args.profile
+        self.compile = args.compile == "yes" or (args.compile == "auto" and self.dev.type == "cuda")
         self.ceiling = None
         self.sd_comps = self.sd_pipe = self.sd_ours = self.qwen = self.qwen_train_ref = self.qwen_side = None
         self.results: dict = {"meta": meta(self)}
@@ -133,7 +135,7 @@ def markdown(r: dict) -> str:
             lines += [f"{key}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r[key].items()), ""]
     if "qwen" in r and "rows" in r["qwen"]:
         q = r["qwen"]
-        kinds = ("bf16", "fp8_img", "fp8", "fp8_compiled")
+        kinds = ("bf16", "bf16_compiled", "fp8", "fp8_compiled")
         lines += ["| Qwen case | stock s | " + " | ".join(f"{k} s (x, rel err)" for k in kinds) + " |",
                   "|---" * (2 + len(kinds)) + "|"]
         for name, w in q["rows"].items():
@@ -141,9 +143,16 @@ def markdown(r: dict) -> str:
                      for k in kinds]
             lines.append(f"| {name} | {fmt(w['stock_s'])} | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += ["| Qwen forward | s | x stock | % of bf16 ceiling | rel err | first call s |", "|---|---|---|---|---|---|"]
+        for k in ("stock", "bf16", "bf16_cudnn", "bf16_compiled_stock_rope", "bf16_compiled", "fp8", "fp8_compiled"):
+            if f"{k}_forward_s" in q:
+                lines.append(f"| {k} | {fmt(q[f'{k}_forward_s'])} | {fmt(q[f'{k}_forward_s'] / q['stock_forward_s'])} "
+                             f"| {fmt(100 * (q.get(f'{k}_forward_fraction_of_ceiling') or 0))} | "
+                             f"{fmt(q.get(f'{k}_forward_rel_err'))} | {fmt(q.get(f'{k}_first_call_s'))} |")
+        lines.append("")
         lines += ["qwen: " + ", ".join(f"{k} {fmt(v)}" for k, v in q.items() if k != "rows" and
-                                       not k.startswith("train_")), ""]
-        for k in ("train_stock", "train_fp8"):
+                                       not k.startswith("train_") and "_forward_" not in k), ""]
+        for k in ("train_stock", "train_bf16", "train_fp8", "train_fp8_compiled"):
             if k in q:
                 lines += [f"{k}: " + ", ".join(f"{a} {fmt(b)}" for a, b in q[k].items()), ""]
     for k, v in r.items():
@@ -159,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="write kernel tables of one Qwen forward per variant")
+    ap.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
+                    help="the torch.compile variants (auto: on CUDA only; compiling takes about a minute each)")
     ap.add_argument("--qwen-cases", default="lightning,base", help="lightning (8 steps) and/or base (50, CFG 4)")
     ap.add_argument("--budget", type=float, default=480, help="seconds; later sections are skipped past it")
     args = ap.parse_args(argv)

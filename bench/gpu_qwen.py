@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import torch
 from gpu_measure import GiB, ROOT, build, flops, free, peak_memory, profile, rel_err, sync, timed
 
-from lightbooth.accel.fp8 import to_fp8
 from lightbooth.families.base import Cond, Preset
 
 
@@ -50,7 +50,33 @@ def run_timed(call, steps: int, ctx):
     return timed(call, ctx.dev, repeats=ctx.repeats, warmup=0), out
 
 
+def sdpa_order(cudnn: bool):
+    """A context giving SDPA cuDNN attention first (cudnn=True) or leaving torch's own order."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not cudnn:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH], set_priority=True)
+
+
+def uncompile(tr) -> None:
+    """Undo compile_repeated_blocks (nn.Module.compile) so the next variant compiles afresh."""
+    for m in tr.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
 def qwen(ctx) -> dict:
+    """Stock pipeline, then lightbooth eager, compiled, fp8 eager and fp8 compiled, on one set of weights.
+
+    Order matters, as lightbooth's family changes the transformer in place: stock generation and the stock LoRA
+    step come first, on the untouched model; then lightbooth in bf16, eager and with its blocks compiled, then fp8
+    weights (the fp8 LoRA step eager, then generation compiled, then optionally the LoRA step compiled).
+    """
     from diffusers import QwenImagePipeline
 
     from lightbooth.families.qwen_image import QwenImageFamily
@@ -74,8 +100,9 @@ def qwen(ctx) -> dict:
     cases = [c for c in cases if c[0].split("-")[0] in ctx.qwen_cases]
     base_sched = comps["scheduler"]
     res = ctx.results["qwen"] = {"px": px, "rows": {}}  # filled as it goes: a failure keeps what was measured
-    refs, x = {}, None
-    for name, steps, cfg, preset in cases:  # stock first: our family patches modules in place when built
+    refs = {}
+    x = torch.randn(1, side**2, tr.config.in_channels, device=dev, generator=g, dtype=torch.bfloat16)
+    for name, steps, cfg, preset in cases:  # stock first: our family changes modules in place when built
         if ctx.over_budget(60 if steps == 8 else 150):
             continue
         pipe.scheduler = lightning_scheduler(base_sched) if preset == "lightning" else base_sched
@@ -83,8 +110,6 @@ def qwen(ctx) -> dict:
                   height=px, width=px)
         if cfg > 1:
             kw.update(negative_prompt_embeds=ne, negative_prompt_embeds_mask=nm)
-        if x is None:
-            x = torch.randn(1, side**2, tr.config.in_channels, device=dev, generator=g, dtype=torch.bfloat16)
         last = {}
 
         def keep(pipe_, i, t_, kwargs):  # the final latents, to check ours against without a second run
@@ -96,67 +121,89 @@ def qwen(ctx) -> dict:
         refs[name] = last["latents"].float()
         res["rows"][name] = {"steps": steps, "guidance": cfg, "stock_s": t, "stock_step_s": t / steps}
     ts = torch.tensor([0.5], device=dev, dtype=torch.bfloat16)
-    fwd = lambda: tr(hidden_states=x, timestep=ts, encoder_hidden_states=pe, encoder_hidden_states_mask=pm,  # noqa
-                     img_shapes=[[(1, side, side)]], return_dict=False)
+    # one forward as the stock pipeline calls it (it drops an all-ones text mask, so: no mask)
+    fwd = lambda: tr(hidden_states=x, timestep=ts, encoder_hidden_states=pe, encoder_hidden_states_mask=None,  # noqa
+                     img_shapes=[[(1, side, side)]], return_dict=False)[0]
     with torch.inference_mode():
         res["forward_flops"] = flops(fwd)
-        res["stock_forward_s"] = timed(fwd, dev, repeats=ctx.repeats)
+        ref_fwd = fwd().float()
+        res["stock_forward_s"] = timed(fwd, dev, repeats=ctx.repeats + 2)
+        if ctx.profile:
+            profile(fwd, ctx, "stock")
     res["stock_forward_fraction_of_ceiling"] = ctx.fraction(res["forward_flops"], res["stock_forward_s"])
+    ctx.save()
+    ctx.qwen = (comps, None, pe, pm, x, px)
+    if not ctx.over_budget(90):
+        qwen_train(ctx, res, "stock", mask=pm)  # as diffusers' Qwen DreamBooth script: the mask passed
     fam = QwenImageFamily(comps, ROOT, dev, torch.bfloat16)
     ctx.qwen = (comps, fam, pe, pm, x, px)
+    cudnn = {"on": False}
 
-    def run_ours(label, only=None):
-        for name, steps, cfg, preset in cases:
-            if name not in res["rows"] or (only and name != only):
+    def measure(label, e2e=True, prof=False):
+        """Forward time and error against the stock forward; the 8-step run end to end against stock's latents."""
+        with torch.inference_mode(), sdpa_order(cudnn["on"]):
+            t0 = time.time()
+            out = fwd().float()  # the first call compiles, when compiling
+            res[f"{label}_first_call_s"] = time.time() - t0
+            res[f"{label}_forward_rel_err"] = rel_err(out, ref_fwd)
+            res[f"{label}_forward_s"] = s = timed(fwd, dev, repeats=ctx.repeats + 2)
+            res[f"{label}_forward_fraction_of_ceiling"] = ctx.fraction(res["forward_flops"], s)
+            if prof and ctx.profile:
+                profile(fwd, ctx, label)
+        for name, steps, cfg, preset in cases if e2e else ():
+            if name not in res["rows"] or ctx.over_budget(20 + 4 * steps * s):
                 continue
             p = Preset(steps=steps, guidance=cfg, sampler="flow_euler", shift=3.0 if preset == "lightning" else None)
-            unc = Cond(ne, nm) if cfg > 1 else None
+            unc = Cond(ne) if cfg > 1 else None
+            if steps > 8:  # timed once: warm up (a compiled denoiser compiles for the CFG batch of 2 here)
+                with sdpa_order(cudnn["on"]):
+                    fam.sample(x.clone(), Cond(pe), unc, replace(p, steps=2), px, px)
 
             def call():
-                lat = fam.sample(x.clone(), Cond(pe, pm), unc, p, px, px)
-                return lat, fam.decode(lat, px, px)
+                with sdpa_order(cudnn["on"]):
+                    lat = fam.sample(x.clone(), Cond(pe), unc, p, px, px)  # masks as encode() gives them: none
+                    return lat, fam.decode(lat, px, px)
             t, (lat, _) = run_timed(call, steps, ctx)
             row = res["rows"][name]
             row.update({f"{label}_s": t, f"{label}_vs_stock": t / row["stock_s"],
                         f"{label}_rel_err": rel_err(lat, refs[name])})
-        with torch.inference_mode():
-            s = timed(fwd, dev, repeats=ctx.repeats)
-            if ctx.profile:
-                profile(fwd, ctx, f"qwen-forward-{label}")
-        res[f"{label}_forward_s"] = s
-        res[f"{label}_forward_fraction_of_ceiling"] = ctx.fraction(res["forward_flops"], s)
+        ctx.save()
 
-    run_ours("bf16")
-    ctx.save()
+    measure("bf16")
     if not ctx.over_budget(90):
-        qwen_train(ctx, res, "stock")
-    # fp8 first for the image stream's big products only (4096 rows each), then for every layer
-    img_only = fam.fp8_skip + ("add_", "to_add_out", "txt_", "_mod")
-    res["fp8_img_layers"] = to_fp8(tr, "fp8", skip=img_only)
-    run_ours("fp8_img", only="lightning-8")
-    ctx.save()
+        qwen_train(ctx, res, "bf16", mask=None)  # lightbooth's processor, bf16 weights, eager
+    if dev.type == "cuda":  # which attention kernel: torch's default order, or cuDNN's first
+        cudnn["on"] = True
+        measure("bf16_cudnn", e2e=False)
+        cudnn["on"] = res["bf16_cudnn_forward_s"] < 0.97 * res["bf16_forward_s"]
+        res["sdpa_cudnn_first"] = cudnn["on"]
+    if ctx.compile and not ctx.over_budget(200):
+        fam.use_fast_paths(compile=True)
+        measure("bf16_compiled", prof=True)
+        uncompile(tr)
     fam.use_fast_paths(fp8=True)
     res["fp8_layers"] = sum(type(m).__name__ == "Fp8Linear" for m in tr.modules())
     free(dev)
     res["allocated_after_fp8_gib"] = torch.cuda.memory_allocated() / GiB if dev.type == "cuda" else None
-    run_ours("fp8")
-    ctx.save()
+    measure("fp8", e2e=not ctx.compile)
     if not ctx.over_budget(60):
-        qwen_train(ctx, res, "fp8")
-    ctx.save()
-    if not ctx.over_budget(150) and dev.type == "cuda":  # optional: regional torch.compile on top of fp8
-        try:
-            t0 = time.time()
-            fam.use_fast_paths(compile=True)
-            run_ours("fp8_compiled", only="lightning-8")
-            res["fp8_compiled_section_s"] = time.time() - t0
-        except Exception as e:
-            res["fp8_compiled_error"] = f"{type(e).__name__}: {e}"[:300]
+        with sdpa_order(cudnn["on"]):
+            qwen_train(ctx, res, "fp8", mask=None)
+    if ctx.compile and not ctx.over_budget(60):
+        fam.use_fast_paths(compile=True)
+        measure("fp8_compiled", prof=True)
+        if not ctx.over_budget(80):  # compiling the step took 33 s on an H200
+            with sdpa_order(cudnn["on"]):
+                qwen_train(ctx, res, "fp8_compiled", mask=None)
+        uncompile(tr)
     return res
 
 
-def qwen_train(ctx, res: dict, label: str) -> None:
-    """LoRA r16 on the attention projections (diffusers' Qwen DreamBooth default), gradient checkpointing."""
+def qwen_train(ctx, res: dict, label: str, mask) -> None:
+    """LoRA r16 on the attention projections (diffusers' Qwen DreamBooth default), gradient checkpointing.
+
+    `mask`: the text mask as passed (diffusers' script passes it; lightbooth's all-ones masks are None);
+    the first step's time (compiling, when compiled) is kept apart."""
     from peft import LoraConfig
 
     comps, fam, pe, pm, x, px = ctx.qwen
@@ -182,7 +229,7 @@ def qwen_train(ctx, res: dict, label: str) -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             noisy = ((1 - sigma) * x0 + sigma * noise).to(torch.bfloat16)
             pred = tr(hidden_states=noisy, timestep=sigma.to(torch.bfloat16), encoder_hidden_states=pe,
-                      encoder_hidden_states_mask=pm, img_shapes=[[(1, ctx.qwen_side, ctx.qwen_side)]],
+                      encoder_hidden_states_mask=mask, img_shapes=[[(1, ctx.qwen_side, ctx.qwen_side)]],
                       return_dict=False)[0]
             return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
@@ -192,12 +239,15 @@ def qwen_train(ctx, res: dict, label: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t0 = time.time()
     loss = loss_fn()
     loss.backward()
+    sync(dev)
+    first_s = time.time() - t0
     grad = torch.cat([p.grad.flatten().float() for p in params])
     opt.zero_grad(set_to_none=True)
     key = "train_" + label
-    out = {"loss": float(loss.detach()), "lora_layers": sum(1 for n, _ in tr.named_modules() if n.endswith(
+    out = {"loss": float(loss.detach()), "first_step_s": first_s, "lora_layers": sum(1 for n, _ in tr.named_modules() if n.endswith(
         f"lora_A.{label}"))}
     if label == "stock":
         ctx.qwen_train_ref = (float(loss.detach()), grad)
@@ -211,9 +261,10 @@ def qwen_train(ctx, res: dict, label: str) -> None:
     res[key] = out
     tr.eval()
     tr.disable_gradient_checkpointing()
-    tr.delete_adapters(label)
+    tr.unload_lora()  # the base layers back in place (delete_adapters would leave peft's wrappers)
     for p in tr.parameters():
         p.requires_grad_(False)
     comps["vae"].to(dev)
-    del opt, params, grad
+    opt.state.clear()
+    params = grad = None  # noqa: F841 (freed before measuring what comes next)
     free(dev)

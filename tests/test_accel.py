@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -79,6 +80,25 @@ def test_generator_with_fp8_weights_makes_nearly_the_same_images(fixture, reques
     kw = dict(steps=4, seed=3, width=side, height=side)
     img_a, img_b = (np.asarray(g("a red circle", **kw)[0], dtype=np.float32) for g in (plain, fast))
     assert np.abs(img_a - img_b).mean() < 8  # levels of 255: the same picture
+
+
+def test_generate_with_fp8_and_compile_flags_compiles_the_blocks_and_draws_nearly_the_same_image(qwen_dir, tmp_path,
+                                                                                                capsys):
+    from lightbooth.cli import main
+
+    def generate(*flags):
+        out = tmp_path / "-".join(flags or ("plain",))
+        assert main(["generate", "a red circle", "--out", str(out), "--model", str(qwen_dir), "--steps", "2",
+                     "--seed", "5", *flags]) == 0
+        path = capsys.readouterr()[0].split()[0]
+        with Image.open(path) as im:
+            return np.asarray(im, dtype=np.float32)
+    plain, fast = generate(), generate("--fp8", "--compile")
+    assert np.abs(plain - fast).mean() < 8  # levels of 255: the same picture
+    gen = Generator.load(qwen_dir, device="cpu", compile=True)
+    blocks = gen.family.denoiser.transformer_blocks
+    assert all(b._compiled_call_impl is not None for b in blocks)  # compiled, and no CPU trace on top
+    assert gen.family.graphed is None
 
 
 def test_graph_wrappers_are_the_plain_calls_off_cuda():

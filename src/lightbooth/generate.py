@@ -85,7 +85,7 @@ class Generator:
 
     @classmethod
     def load(cls, model: str | os.PathLike | None = None, loras: Sequence = (), device=None, dtype=None,
-             fast: bool = True, fp8: bool = False, preset: str | None = None):
+             fast: bool = True, fp8: bool = False, compile: bool = False, preset: str | None = None):
         """Load `model` (None: the built-in model) and fuse `loras` ('path', 'path:scale' or (path, scale)).
 
         `preset`: the sampling preset to load for (default: the model's own default, or the schedule a distilled
@@ -93,7 +93,9 @@ class Generator:
         8-step presets do), so it is chosen here; `preset="base"` gives the plain model, as trainers need.
         `fast`: on CUDA, fused Q/K/V projections and CUDA-graph replay where the family allows; on CPU, TorchScript
         traces of the denoiser once a shape repeats (the same ops without Python between them); `fp8`: the
-        denoiser's linear layers in fp8 (half the memory; about 2x the matrix rate on Hopper; small error).
+        denoiser's linear layers in fp8 (half the memory; about 2x the matrix rate on Hopper; small error);
+        `compile`: torch.compile the denoiser (its repeated blocks where the family has them): a slow first call
+        (about a minute at full size), then fused kernels; it replaces CPU traces.
         """
         from . import lora as lora_mod
         from .families import family_class
@@ -127,8 +129,8 @@ class Generator:
             lora_mod.fuse(family.modules_for_lora(), lora_mod.load_lora(str(file), family.name,
                                                                         family.modules_for_lora()), 1.0)
         on_cuda = fast and device.type == "cuda"
-        family.use_fast_paths(cuda_graphs=on_cuda, fuse_projections=on_cuda, fp8=fp8,
-                              trace=fast and device.type == "cpu")
+        family.use_fast_paths(cuda_graphs=on_cuda, fuse_projections=on_cuda, fp8=fp8, compile=compile,
+                              trace=fast and device.type == "cpu" and not compile)
         return cls(family, "builtin" if model is None else str(model), applied, lora_preset, name)
 
     # --- settings ------------------------------------------------------------------------------------------

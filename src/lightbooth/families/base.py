@@ -11,6 +11,7 @@ import functools
 import importlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -158,6 +159,9 @@ class Family:
         if fuse_projections and self.fuse_projections_ok:
             den.fuse_qkv_projections()
             presign_attention(den)
+        if compile:  # diffusers' Qwen RoPE multiplies complex tensors, which inductor leaves to eager kernels; a
+            # real-valued rewrite measured no faster compiled (BENCHMARKS.md), so the warning only alarms
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
         if compile and self.compile_regional:
             den.compile_repeated_blocks()
         elif compile:
