@@ -2,6 +2,7 @@
 diffusers, full fine-tunes, bitwise resume after an interruption, 2 processes = 1, and bad input (exit 2)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -140,6 +141,37 @@ def test_qwen_lora_run_writes_its_files_and_loads_in_lightbooth_and_diffusers(qw
     for lora in ("lora.safetensors", "lora_kohya.safetensors"):
         ours = Generator.load(qwen_dir, loras=[str(run / lora)], device="cpu").family.components
         assert_same_weights(ours, ref, base)
+
+
+def test_fp8_compiled_lora_run_never_runs_the_text_encoder_after_caching_and_loads_in_diffusers(qwen_dir, instance_dir,
+                                                                                               runs):
+    import lightning as L
+
+    from lightbooth import Generator
+    from lightbooth.accel.fp8 import Fp8Linear
+    from lightbooth.config import load_config
+
+    class Watch(L.Callback):  # counts text encoder calls from the first training step to the end (validation too)
+        calls, fp8_layers, compiled, device = 0, 0, False, None
+
+        def on_train_start(self, trainer, pl_module):
+            te = pl_module.family.components["text_encoder"]
+            te.register_forward_pre_hook(lambda *a: setattr(Watch, "calls", Watch.calls + 1))
+            Watch.device = next(te.parameters()).device.type
+            Watch.fp8_layers = sum(isinstance(m, Fp8Linear) for m in pl_module.denoiser.modules())
+            Watch.compiled = all(b._compiled_call_impl is not None for b in pl_module.denoiser.transformer_blocks)
+
+    run = runs / "qwen-fp8"
+    cfg = load_config(DreamBoothConfig, None, dict(
+        model=str(qwen_dir), instance_dir=str(instance_dir), class_noun="star", out=str(run), num_class_images=2,
+        class_preset="lightning-4", validation_steps=2, logger="none", steps=3, lr=1e-2, fp8=True, compile=True))
+    lora = train_dreambooth(cfg, callbacks=[Watch()])
+    assert Watch.fp8_layers > 0 and Watch.compiled and Watch.device == "cpu"
+    assert Watch.calls == 0 and (run / "validation/step-00000003/00.png").exists()
+    assert all(math.isfinite(x["loss"]) for x in lines(run / "losses.jsonl"))
+    base = {"transformer": Generator.load(qwen_dir, device="cpu").family.denoiser.state_dict()}
+    ours = Generator.load(qwen_dir, loras=[str(lora)], device="cpu").family.components
+    assert_same_weights(ours, stock_fused("qwen-image", qwen_dir, lora), base)
 
 
 def test_sd_lora_with_text_encoder_loads_in_lightbooth_and_diffusers(sd_dir, instance_dir, runs, capsys):
@@ -327,6 +359,7 @@ def test_bad_instance_folders_are_one_line_errors(qwen_dir, tmp_path, capsys):
     (["--batch-size", 3, "--devices", 2], "multiple of devices"),
     (["--token", "two words"], "without spaces"),
     (["--train-text-encoder"], "sd only"),
+    (["--fp8", "--full"], "drop one of them"),
     (["--resolution", 60], "multiple of 8"),
 ])
 def test_bad_settings_are_one_line_errors(qwen_dir, instance_dir, tmp_path, capsys, args, needle):

@@ -168,6 +168,12 @@ class Generator:
                     family=self.family.name)
 
     # --- generation ----------------------------------------------------------------------------------------
+    def remember(self, conds: dict[str, Cond]) -> None:
+        """Use these prompt encodings instead of running the text encoder for them (moved to this device)."""
+        dev = self.family.device
+        for p, c in conds.items():
+            self._cache[p] = Cond(c.embeds.to(dev), None if c.mask is None else c.mask.to(dev))
+
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Encodings of `prompts`, one row each, each encoded alone (so batching cannot change it) and cached."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]

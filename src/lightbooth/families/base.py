@@ -159,17 +159,21 @@ class Family:
         if fuse_projections and self.fuse_projections_ok:
             den.fuse_qkv_projections()
             presign_attention(den)
-        if compile:  # diffusers' Qwen RoPE multiplies complex tensors, which inductor leaves to eager kernels; a
-            # real-valued rewrite measured no faster compiled (BENCHMARKS.md), so the warning only alarms
-            warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
-        if compile and self.compile_regional:
-            den.compile_repeated_blocks()
-        elif compile:
-            self.components[self.denoiser_name] = torch.compile(den)
+        if compile:
+            self.compile_denoiser()
         if cuda_graphs and self.cuda_graphs_ok and self.device.type == "cuda":
             self.graphed = GraphedFunction(self.denoise)
         elif trace and self.trace_ok and self.device.type == "cpu":
             self.graphed = TracedFunction(self.denoiser, self.denoise)
+
+    def compile_denoiser(self) -> None:
+        """torch.compile the denoiser in place (its repeated blocks, where it has them): its parameter names, and
+        so checkpoints and LoRA keys, stay as they are."""
+        # diffusers' Qwen RoPE multiplies complex tensors, which inductor leaves to eager kernels; a real-valued
+        # rewrite measured no faster compiled (BENCHMARKS.md), so the warning would only alarm
+        warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
+        den = self.denoiser
+        den.compile_repeated_blocks() if self.compile_regional else den.compile()
 
     def denoise(self, *tensors: torch.Tensor) -> torch.Tensor:
         """The bare denoiser call on tensors only (what a CUDA graph records); families with graphs define it."""

@@ -25,7 +25,7 @@ DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sk
 EXPORTS = ("kohya",)
 # keys that may differ when resuming a run: how long and how it is watched, not what it trains on
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "validate_every", "validation_prompt", "logger", "export",
-                     "devices", "strategy", "threads"}
+                     "devices", "strategy", "threads", "compile"}
 
 
 @dataclass
@@ -59,6 +59,8 @@ class DreamBoothConfig:
     grad_accum: int = 1
     precision: str = "auto"  # Lightning precision; auto: bf16-mixed on GPU, 32-true on CPU
     grad_checkpointing: bool = False
+    fp8: bool = False  # the frozen denoiser weights in fp8 (e4m3, per-row scales): half their memory; LoRA only
+    compile: bool = False  # torch.compile the denoiser (its repeated blocks where it has them): slow first step
     adam8bit: bool = False  # bitsandbytes 8-bit AdamW (GPU)
     checkpoint_every: int = 100
     keep: int = 2  # checkpoints kept
@@ -84,6 +86,8 @@ def check_config(cfg: DreamBoothConfig) -> None:
     for key, v in positive.items():
         if v < 1:
             raise LightboothError(f"'{key}' must be at least 1 (got {v})")
+    if cfg.fp8 and cfg.full:
+        raise LightboothError("--fp8 stores frozen weights in fp8, and --full trains every weight; drop one of them")
     if cfg.lr <= 0 or cfg.prior_loss_weight < 0:
         raise LightboothError("'lr' must be positive and 'prior_loss_weight' not negative")
     if cfg.batch_size % cfg.devices:
@@ -149,8 +153,15 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
         ckpt_path = newest_valid_checkpoint(run / "checkpoints")
 
     data = cache_data(cfg, family, images, class_image_paths(cfg, gen, model_path, run) if cfg.prior else [])
+    val_conds = release_text_encoder(cfg, family)
+    if cfg.fp8:
+        from ..accel.fp8 import to_fp8
+
+        to_fp8(family.denoiser, skip=family.fp8_skip)  # before the LoRA, which then wraps the fp8 layers
     make_trainable(cfg, family)
-    fit(cfg, family, data, run, ckpt_path, callbacks)
+    if cfg.compile:
+        family.compile_denoiser()
+    fit(cfg, family, data, run, ckpt_path, callbacks, val_conds)
     return export(cfg, family, model_path, run)
 
 
@@ -206,6 +217,27 @@ def cache_data(cfg: DreamBoothConfig, family, images, class_paths: list[Path]):
     return CachedData(instance, prompts, classes, class_prompt, conds)
 
 
+def validation_prompts(cfg: DreamBoothConfig) -> list[str]:
+    return [fill(p, cfg) for p in cfg.validation_prompt if p.strip()]  # an empty prompt: no validation
+
+
+@torch.no_grad()
+def release_text_encoder(cfg: DreamBoothConfig, family) -> dict | None:
+    """With the prompts cached and the text encoder frozen, training never runs it again: encode the validation
+    prompts (and the empty negative prompt) now, then move it to the CPU (Qwen-Image's is 15 GiB of GPU memory).
+    Returns those encodings for validation, or None when the text encoder stays (it is being trained)."""
+    if cfg.train_text_encoder:
+        return None
+    conds = {}
+    for p in validation_prompts(cfg) + [""]:
+        c = family.encode([p])
+        conds[p] = type(c)(c.embeds.cpu(), None if c.mask is None else c.mask.cpu())
+    family.components["text_encoder"].to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return conds
+
+
 def make_trainable(cfg: DreamBoothConfig, family) -> None:
     """LoRA adapters (peft) on the family's target modules, or every denoiser weight with `full`."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -228,7 +260,8 @@ def make_trainable(cfg: DreamBoothConfig, family) -> None:
         family.denoiser.enable_gradient_checkpointing()
 
 
-def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, callbacks=()) -> None:
+def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, callbacks=(),
+        val_conds: dict | None = None) -> None:
     import lightning as L
 
     from .checkpoints import PeriodicCheckpoint, PlainProgress, run_fit
@@ -243,8 +276,8 @@ def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, 
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp_spawn" if cfg.devices > 1 else "auto")
     ckpt = PeriodicCheckpoint(run / "checkpoints", cfg.checkpoint_every, cfg.keep)
     val_settings = {"steps": cfg.validation_steps} if cfg.validation_steps else {}
-    prompts = [fill(p, cfg) for p in cfg.validation_prompt if p.strip()]  # an empty prompt: no validation
-    validation = Validation(run / "validation", prompts, cfg.validate_every, cfg.seed, val_settings)
+    validation = Validation(run / "validation", validation_prompts(cfg), cfg.validate_every, cfg.seed, val_settings,
+                            val_conds)
     tty = sys.stderr.isatty()
     trainer = L.Trainer(
         max_steps=cfg.steps, max_epochs=-1, accelerator="gpu" if cuda else "cpu", devices=cfg.devices,

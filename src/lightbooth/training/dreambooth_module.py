@@ -184,9 +184,11 @@ class DreamBoothModule(L.LightningModule):
 class Validation(StepEnd):
     """Images of the validation prompts every `every` steps and at the end: RUN/validation/step-N/, TensorBoard."""
 
-    def __init__(self, folder: Path, prompts: list[str], every: int, seed: int, settings: dict):
+    def __init__(self, folder: Path, prompts: list[str], every: int, seed: int, settings: dict,
+                 conds: dict | None = None):
         super().__init__()
         self.folder, self.prompts, self.every, self.seed, self.settings = folder, prompts, every, seed, settings
+        self.conds = conds  # prompt -> encoding made before the text encoder left the GPU; None: encode here
 
     def on_step(self, trainer, pl_module):
         if self.every and trainer.global_step % self.every == 0:
@@ -208,7 +210,9 @@ class Validation(StepEnd):
         for m in modules:
             m.eval()
         try:
-            images = Generator(pl_module.family, "dreambooth", [])(self.prompts, seed=self.seed, **self.settings)
+            gen = Generator(pl_module.family, "dreambooth", [])
+            gen.remember(self.conds or {})
+            images = gen(self.prompts, seed=self.seed, **self.settings)
         finally:
             for m in modules:
                 m.train()
