@@ -14,13 +14,14 @@ Sections (in this order, each guarded so a failure or the time budget skips it a
                 (fp16, channels-last, fused QKV, CUDA graph per step), per step and end to end
   sd-train      SD 1.5 DreamBooth LoRA r4 step, batch 2 (instance + class), as diffusers' example does it
                 (fp16 autocast + GradScaler, VAE and text encoder every step) vs lightbooth (cached latents and
-                embeddings, bf16, fused AdamW, the whole step replayed as one CUDA graph): time and peak memory
+                embeddings, bf16, fused AdamW, the whole step replayed as one CUDA graph): time and peak memory;
+                then `lightbooth dreambooth`'s own step (bench/gpu_trainer.py), eager and compiled
   qwen          Qwen-Image 1024x1024, Lightning 8 steps and 50 steps CFG 4: stock pipeline vs lightbooth in bf16
                 and with fp8 transformer weights, each eager and with its blocks compiled (prompt embeddings given
                 to both: text encoding is the same transformers module in both and lightbooth caches it); one
                 forward of each variant timed against the stock forward; and the LoRA r16 step at 1024x1024,
                 batch 1, gradient checkpointing: bf16 (stock) vs lightbooth with fp8-stored frozen weights, eager
-                and compiled; time and peak memory
+                and compiled, then `lightbooth dreambooth`'s own step with fp8 and compiling; time and peak memory
   sd-compile    optional, last: the SD UNet through torch.compile under the same CUDA graph (compile takes ~1 min)
 Results: OUT/gpu.json (everything) and OUT/gpu.md (the tables), written after every section.
 """
@@ -132,7 +133,11 @@ def markdown(r: dict) -> str:
         lines.append("")
     for key in ("sd-train", "sd-compile"):
         if key in r:
-            lines += [f"{key}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r[key].items()), ""]
+            lines += [f"{key}: " + ", ".join(f"{k} {fmt(v)}" for k, v in r[key].items() if not isinstance(v, dict)),
+                      ""]
+            for k, v in r[key].items():
+                if isinstance(v, dict):
+                    lines += [f"{key} {k}: " + ", ".join(f"{a} {fmt(b)}" for a, b in v.items()), ""]
     if "qwen" in r and "rows" in r["qwen"]:
         q = r["qwen"]
         kinds = ("bf16", "bf16_compiled", "fp8", "fp8_compiled")
@@ -151,8 +156,8 @@ def markdown(r: dict) -> str:
                              f"{fmt(q.get(f'{k}_forward_rel_err'))} | {fmt(q.get(f'{k}_first_call_s'))} |")
         lines.append("")
         lines += ["qwen: " + ", ".join(f"{k} {fmt(v)}" for k, v in q.items() if k != "rows" and
-                                       not k.startswith("train_") and "_forward_" not in k), ""]
-        for k in ("train_stock", "train_bf16", "train_fp8", "train_fp8_compiled"):
+                                       not k.startswith("train") and "_forward_" not in k), ""]
+        for k in ("train_stock", "train_bf16", "train_fp8", "train_fp8_compiled", "trainer_fp8"):
             if k in q:
                 lines += [f"{k}: " + ", ".join(f"{a} {fmt(b)}" for a, b in q[k].items()), ""]
     for k, v in r.items():

@@ -7,6 +7,7 @@ import time
 
 import torch
 from gpu_measure import ROOT, build, flops, free, peak_memory, rel_err, timed
+from gpu_trainer import sd_trainer
 
 from lightbooth.accel.graphs import GraphedTrainStep
 from lightbooth.families.base import Cond
@@ -218,6 +219,8 @@ def sd_train(ctx) -> dict:
     res["ours_vs_stock"] = res["ours_s"] / res["stock_s"]
     res["ours_fraction_of_ceiling"] = ctx.fraction(res["step_flops"], res["ours_s"])
     del unet, ounet, opt, oopt, graphed
+    free(dev)
+    sd_trainer(ctx, comps, emb_cache, res)  # `lightbooth dreambooth`'s own step, eager and compiled
     ctx.sd_comps = ctx.sd_pipe = ctx.sd_ours = None  # the Qwen sections' memory numbers must not include SD
     free(dev)
     return res

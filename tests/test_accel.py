@@ -188,3 +188,5 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu_and_checks_its_outputs(tmp_path):
         assert row["bf16_rel_err"] < 0.02 and row["fp8_rel_err"] < 0.05
     assert r["qwen"]["train_fp8"]["lora_layers"] == r["qwen"]["train_stock"]["lora_layers"] > 0
     assert r["qwen"]["train_fp8"]["lora_grad_rel_err"] < 0.15
+    # the trainers' own steps (lightbooth dreambooth's prepare_denoiser + fit), every step timed
+    assert r["sd-train"]["trainer_eager"]["steps"] == 10 and r["qwen"]["trainer_fp8"]["steps"] == 8

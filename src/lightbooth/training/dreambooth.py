@@ -154,13 +154,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
 
     data = cache_data(cfg, family, images, class_image_paths(cfg, gen, model_path, run) if cfg.prior else [])
     val_conds = release_text_encoder(cfg, family)
-    if cfg.fp8:
-        from ..accel.fp8 import to_fp8
-
-        to_fp8(family.denoiser, skip=family.fp8_skip)  # before the LoRA, which then wraps the fp8 layers
-    make_trainable(cfg, family)
-    if cfg.compile:
-        family.compile_denoiser()
+    prepare_denoiser(cfg, family)
     fit(cfg, family, data, run, ckpt_path, callbacks, val_conds)
     return export(cfg, family, model_path, run)
 
@@ -236,6 +230,17 @@ def release_text_encoder(cfg: DreamBoothConfig, family) -> dict | None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return conds
+
+
+def prepare_denoiser(cfg: DreamBoothConfig, family) -> None:
+    """fp8 frozen weights (before the LoRA, which then wraps the fp8 layers), the LoRA, then compiling."""
+    if cfg.fp8:
+        from ..accel.fp8 import to_fp8
+
+        to_fp8(family.denoiser, skip=family.fp8_skip)
+    make_trainable(cfg, family)
+    if cfg.compile:
+        family.compile_denoiser()
 
 
 def make_trainable(cfg: DreamBoothConfig, family) -> None:

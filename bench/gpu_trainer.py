@@ -1,0 +1,86 @@
+"""The trainer rows of the GPU benchmark (bench/gpu.py): `lightbooth dreambooth`'s own step, not a bench loop.
+
+The trainer's functions run as `train_dreambooth` runs them after caching: `prepare_denoiser` (fp8, the LoRA,
+compiling) and `fit` (Lightning, bf16-mixed, cached latents and prompt encodings, checkpoints, its sampler and
+loss), on the full-size random components the other sections built. A callback times every step (device
+synchronized) and reads the peak memory from the third step on; the first steps (compiling) are reported apart.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from gpu_measure import GiB, free, sync
+
+
+def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
+    """Run the DreamBooth trainer for `steps` steps on random latents; `settings`: DreamBoothConfig fields."""
+    import lightning as L
+
+    from lightbooth.config import load_config
+    from lightbooth.families.base import Cond
+    from lightbooth.training.dreambooth import DreamBoothConfig, fit, prepare_denoiser
+    from lightbooth.training.dreambooth_module import CachedData
+
+    dev = ctx.dev
+    with torch.inference_mode():  # latents of the training size, as cache_data makes them
+        z = family.encode_images(torch.rand(1, 3, px, px, device=dev) * 2 - 1)[0].float().cpu()
+    g = torch.Generator().manual_seed(0)
+    lat = [torch.randn(z.shape, generator=g) * z.std() for _ in range(8)]
+    cpu_cond = Cond(cond.embeds.float().cpu(), None)
+    data = CachedData(lat[:4], ["a qzx star"] * 4, lat[4:], "a star", {"a qzx star": cpu_cond, "a star": cpu_cond})
+    times, peak = [], {}
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sync(dev)
+            if batch_idx == 2 and dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                peak["before_gib"] = torch.cuda.memory_allocated() / GiB
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync(dev)
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as run:
+        cfg = load_config(DreamBoothConfig, None, dict(
+            instance_dir="unused", class_noun="star", out=run, steps=steps, checkpoint_every=10**6,
+            validation_prompt=[""], logger="none", seed=0, **settings))
+        t0 = time.time()
+        prepare_denoiser(cfg, family)
+        fit(cfg, family, data, Path(run), None, [Timer()])
+        total = time.time() - t0
+    out = {"steps": len(times), "first_two_steps_s": sum(times[:2]), "step_s": statistics.median(times[2:]),
+           "total_s": total, **{k: v for k, v in settings.items() if not isinstance(v, list)}}
+    if dev.type == "cuda":
+        out["mem_before_gib"], out["peak_gib"] = peak.get("before_gib"), torch.cuda.max_memory_allocated() / GiB
+    free(dev)
+    return out
+
+
+def sd_trainer(ctx, comps, emb: torch.Tensor, res: dict) -> None:
+    """SD 1.5 LoRA r4 at 512, instance + class image per step (the stock row's batch 2): eager, then compiled."""
+    import copy
+
+    from gpu_measure import ROOT
+
+    from lightbooth.families.base import Cond
+    from lightbooth.families.sd import SDFamily
+
+    px = 512 if not ctx.tiny else 32
+    for label, compile_ in (("trainer_eager", False), ("trainer_compiled", True)):
+        if (compile_ and not ctx.compile) or ctx.over_budget(120 if compile_ else 40):
+            continue
+        dt = torch.bfloat16 if ctx.dev.type == "cuda" else torch.float32  # what the trainer loads
+        fam = SDFamily({k: copy.deepcopy(v).to(dt) if isinstance(v, torch.nn.Module) else v
+                        for k, v in comps.items()}, ROOT, ctx.dev, dt)
+        res[label] = trainer_steps(ctx, fam, Cond(emb[:1]), px, steps=10, rank=4, prior=True, compile=compile_)
+        if "stock_s" in res:
+            res[label]["vs_stock"] = res[label]["step_s"] / res["stock_s"]
+        del fam
+        free(ctx.dev)
