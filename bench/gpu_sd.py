@@ -218,7 +218,7 @@ def sd_train(ctx) -> dict:
     res["ours_mem_before_gib"], res["ours_peak_gib"] = peak_memory(ours_call, dev)
     res["ours_vs_stock"] = res["ours_s"] / res["stock_s"]
     res["ours_fraction_of_ceiling"] = ctx.fraction(res["step_flops"], res["ours_s"])
-    del unet, ounet, opt, oopt, graphed
+    unet = ounet = opt = oopt = graphed = None  # noqa: F841 (freed; `del` would confuse the closures' linting)
     free(dev)
     sd_trainer(ctx, comps, emb_cache, res)  # `lightbooth dreambooth`'s own step, eager and compiled
     ctx.sd_comps = ctx.sd_pipe = ctx.sd_ours = None  # the Qwen sections' memory numbers must not include SD
