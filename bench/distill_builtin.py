@@ -42,7 +42,7 @@ def main() -> int:
     rows = [("teacher (preset base: its 20 steps with CFG)", [], dict(preset="base")),
             (f"teacher, naive {args.student_steps} steps, CFG 1, shift 3", [],
              dict(preset="lightning", steps=args.student_steps))]
-    for method in filter(None, args.methods.split(",")):
+    for method in [m for m in args.methods.split(",") if m and m != "none"]:
         t = time.time()
         path = train_distill(DistillConfig(out=str(out / method), method=method, steps=args.steps,
                                            student_steps=args.student_steps, logger="none", threads=args.threads),
