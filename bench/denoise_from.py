@@ -6,8 +6,8 @@ Scenes of each kind are rendered, encoded by the model's VAE, noised to flow lev
 denoised with the model from s to 0 (flow Euler, 20 evenly spaced steps, CFG at the model's default scale, the
 scene's own English caption) and checked with the `lightbooth eval` detector. s = 0 is the VAE round trip alone;
 s = 1 is ordinary generation. `--mse` adds, per kind, the model's one-step velocity error at each level (mean
-squared error per latent value, the prompt without CFG: the training loss at that level, on unseen scenes). A model that fails already at small s has not learnt the low-noise end, where
-edges and small shapes are refined (the built-in model trained with flow shift 3 did exactly that).
+squared error per latent value, the prompt without CFG: the training loss at that level, on unseen scenes). A
+model that fails already at small s has not learnt the low-noise end, where edges and small shapes are refined.
 """
 
 from __future__ import annotations
