@@ -39,7 +39,7 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
 def save_atomic(trainer: L.Trainer, path: Path) -> None:
     """Every process must call this (saving is a collective in Lightning); the global-zero process writes."""
     tmp = path.with_name(f".tmp-{path.name}")
-    trainer.save_checkpoint(tmp)
+    trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimizer, schedulers, callbacks, loops
     if trainer.is_global_zero:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
