@@ -83,6 +83,32 @@ def test_resume_with_more_steps_trains_a_finished_run_on(tmp_path):
     assert not all(torch.equal(before[k], v) for k, v in weights().items())
 
 
+def test_the_transformer_can_be_stored_in_half_precision_and_loads_back_as_float32(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from lightbooth import Generator
+
+    run, full_cfg, half_cfg = tmp_path / "run", tmp_path / "full.yaml", tmp_path / "half.yaml"
+    full_cfg.write_text(TINY.read_text() + "transformer_dtype: float32\n")
+    half_cfg.write_text(TINY.read_text() + "transformer_dtype: float16\n")  # the recipe's default
+    assert main(["train-base", "--config", str(full_cfg), "--out", str(run), "--steps", "3"]) == 0
+    path = run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    full, full_size = load_file(str(path)), path.stat().st_size
+    assert all(v.dtype == torch.float32 for v in full.values())
+    assert main(["train-base", "--config", str(half_cfg), "--out", str(run), "--resume", "--steps", "3"]) == 0
+    half = load_file(str(path))  # a re-export of the same weights, rounded
+    assert all(v.dtype == torch.float16 and torch.equal(full[k].half(), v) for k, v in half.items())
+    assert path.stat().st_size < 0.6 * full_size
+    gen = Generator.load(run / "model", device="cpu")
+    assert next(gen.family.denoiser.parameters()).dtype == torch.float32
+    assert np.asarray(gen("a red circle", steps=2, seed=0)[0]).shape == (64, 64, 3)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("transformer_dtype: int8\n")
+    assert main(["train-base", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "transformer_dtype" in err and "Traceback" not in err and not (tmp_path / "r").exists()
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 5\n")
