@@ -109,6 +109,19 @@ def test_the_transformer_can_be_stored_in_half_precision_and_loads_back_as_float
     assert "transformer_dtype" in err and "Traceback" not in err and not (tmp_path / "r").exists()
 
 
+def test_storage_precision_refuses_weights_it_cannot_hold():
+    from lightbooth.errors import LightboothError
+    from lightbooth.training.base import stored_copy
+
+    layer = torch.nn.Linear(2, 2)
+    assert stored_copy(layer, "float16").weight.dtype == torch.float16 and layer.weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e6  # beyond float16's 65504
+    with pytest.raises(LightboothError, match="bfloat16"):
+        stored_copy(layer, "float16")
+    assert torch.isfinite(stored_copy(layer, "bfloat16").weight).all()
+
+
 def test_unknown_config_key_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 5\n")

@@ -242,12 +242,21 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+def stored_copy(module: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """A copy of `module` in the storage precision; refuses weights that precision cannot hold."""
+    out = copy.deepcopy(module).to(getattr(torch, dtype))
+    bad = [n for n, t in out.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise LightboothError(f"weights such as {bad[0]} overflow {dtype}; set transformer_dtype: bfloat16 or float32")
+    return out
+
+
 def export_pipeline(cfg: BaseTrainConfig, run: Path, tokenizer, vae, text_encoder, transformer) -> Path:
     """Write the trained parts as a stock diffusers QwenImagePipeline folder plus lightbooth.json."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.sample_shift, use_dynamic_shifting=False)
-    transformer = copy.deepcopy(transformer).to(getattr(torch, cfg.transformer_dtype))
+    transformer = stored_copy(transformer, cfg.transformer_dtype)
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
     out = run / "model"
