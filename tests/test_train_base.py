@@ -179,3 +179,30 @@ def test_the_decoder_stage_changes_the_decoder_only(tiny_run):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
     assert all(torch.equal(exported[k], after[k]) for k in after)
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_chinese_captions_are_cut_into_words():
+    from lightbooth.data.shapes import caption_words
+
+    assert caption_words("灰色背景上有一个右上角的小的青色十字，在中间") == [
+        "灰色", "背景", "上", "有", "一个", "右上角", "的", "小", "的", "青色", "十字", "，", "在", "中间"]
+    assert caption_words("图片中有三个正方形") == ["图片", "中", "有", "三个", "正方形"]
+    assert caption_words("a large red circle, white background") == ["a large red circle, white background"]
+
+
+def test_the_built_in_tokenizer_keeps_chinese_words_whole(tmp_path):
+    from lightbooth.data.shapes import caption_words
+    from lightbooth.families.qwen_image import template_prefix_length
+    from lightbooth.training.base import BaseTrainConfig, caption_corpus, train_tokenizer
+
+    tok = train_tokenizer(BaseTrainConfig(), tmp_path / "tok")
+    assert template_prefix_length(tok) == 34  # stock diffusers' hard-coded prefix
+    held_out = [c for c in caption_corpus(123, 400) if any("\u4e00" <= ch <= "\u9fff" for ch in c)]
+    assert len(held_out) == 200
+    for text in held_out:  # Qwen2's pre-tokenizer sees the whole Chinese run; no merge may cross a word
+        pieces = [tok.decode([t]) for t in tok(text)["input_ids"]]
+        assert "".join(pieces) == text
+        assert set(np.cumsum([len(p) for p in pieces])) <= set(np.cumsum([len(w) for w in caption_words(text)]))
+    assert tok.tokenize("小的黄色正方形") == tok.tokenize("小") + tok.tokenize("的") + tok.tokenize("黄色") \
+        + tok.tokenize("正方形")
+    assert len(tok.tokenize("正方形")) == 1 and len(tok.tokenize(" square")) == 1

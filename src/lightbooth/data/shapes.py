@@ -13,6 +13,7 @@ palette colour, edge pixels are a linear mix of object and background colour (an
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -316,6 +317,32 @@ _REL_EN = {"left of": "to the left of", "right of": "to the right of", "above": 
 _REL_ZH = {"left of": "左边", "right of": "右边", "above": "上面", "below": "下面"}
 _NUM_EN = {2: "two", 3: "three", 4: "four"}
 _NUM_ZH = {2: "两个", 3: "三个", 4: "四个"}
+
+
+# Every Chinese word the captions use. Chinese has no spaces, so a byte-level BPE trained on raw captions (Qwen2's
+# pre-tokenizer keeps a run of Chinese characters together) learns whole phrases as single tokens ("小的黄色正方形"):
+# size, colour and shape fused into one of hundreds of rare tokens. `caption_words` gives the tokenizer trainer the
+# words instead, so that Chinese tokens are words, as English ones are.
+ZH_WORDS = frozenset([*BACKGROUND_ZH.values(), *COLOR_ZH.values(), *SHAPE_ZH.values(), *SIZE_ZH.values(),
+                      *CELL_ZH.values(), *_REL_ZH.values(), *_NUM_ZH.values(),
+                      "背景", "上", "有", "一个", "的", "在", "图片", "中", "是", "位于", "和", "画面", "分别"])
+_CJK_RUN = re.compile(r"[\u4e00-\u9fff]+")
+
+
+def caption_words(text: str) -> list[str]:
+    """`text` cut at Chinese word boundaries (longest match in ZH_WORDS; unknown characters alone); the pieces
+    concatenate back to `text` and non-Chinese stretches are kept whole."""
+    longest = max(map(len, ZH_WORDS))
+    out, last = [], 0
+    for m in _CJK_RUN.finditer(text):
+        out += [text[last:m.start()]] if m.start() > last else []
+        run, i = m.group(), 0
+        while i < len(run):
+            n = next(n for n in range(min(longest, len(run) - i), 0, -1) if n == 1 or run[i:i + n] in ZH_WORDS)
+            out.append(run[i:i + n])
+            i += n
+        last = m.end()
+    return out + ([text[last:]] if last < len(text) else [])
 
 
 COLOR_OMITTED = 0.15  # share of single and count training captions that leave the colour out

@@ -110,8 +110,9 @@ def train_tokenizer(cfg: BaseTrainConfig, folder: Path):
     from ..bpe import train_byte_bpe
 
     template = [QWEN_PROMPT_TEMPLATE.format("")] * 200  # weight the template so its words become whole tokens
-    vocab, merges = train_byte_bpe(caption_corpus(cfg.seed, 4000) + template, cfg.vocab_size,
-                                   ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    # each Chinese word is its own training text, so no merge spans two words (see shapes.caption_words)
+    words = [w for text in caption_corpus(cfg.seed, 4000) for w in shapes.caption_words(text)]
+    vocab, merges = train_byte_bpe(words + template, cfg.vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     n = template_prefix_length(tok)
