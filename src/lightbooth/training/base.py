@@ -30,7 +30,7 @@ class BaseTrainConfig:
     seed: int = 0  # everything (data, init, noise) derives from it
     threads: int = 0  # torch CPU threads; 0 = all cores
     # tokenizer and text encoder
-    vocab_size: int = 800  # byte-level BPE learnt on the captions; the template prefix must stay 34 tokens
+    vocab_size: int = 800  # at most; byte-level BPE learnt on the captions; the template prefix must stay 34 tokens
     text_dim: int = 64  # Qwen2.5-VL text model width
     text_layers: int = 2
     # VAE (AutoencoderKLQwenImage), trained on random crops: convolutions do not care about image size
