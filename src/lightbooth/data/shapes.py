@@ -327,18 +327,18 @@ ZH_WORDS = frozenset([*BACKGROUND_ZH.values(), *COLOR_ZH.values(), *SHAPE_ZH.val
                       *CELL_ZH.values(), *_REL_ZH.values(), *_NUM_ZH.values(),
                       "背景", "上", "有", "一个", "的", "在", "图片", "中", "是", "位于", "和", "画面", "分别"])
 _CJK_RUN = re.compile(r"[\u4e00-\u9fff]+")
+_ZH_LONGEST = max(map(len, ZH_WORDS))
 
 
 def caption_words(text: str) -> list[str]:
     """`text` cut at Chinese word boundaries (longest match in ZH_WORDS; unknown characters alone); the pieces
     concatenate back to `text` and non-Chinese stretches are kept whole."""
-    longest = max(map(len, ZH_WORDS))
     out, last = [], 0
     for m in _CJK_RUN.finditer(text):
         out += [text[last:m.start()]] if m.start() > last else []
         run, i = m.group(), 0
         while i < len(run):
-            n = next(n for n in range(min(longest, len(run) - i), 0, -1) if n == 1 or run[i:i + n] in ZH_WORDS)
+            n = next(n for n in range(min(_ZH_LONGEST, len(run) - i), 0, -1) if n == 1 or run[i:i + n] in ZH_WORDS)
             out.append(run[i:i + n])
             i += n
         last = m.end()

@@ -25,7 +25,7 @@ from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_le
 
 @dataclass
 class BaseTrainConfig:
-    """Recipe of the built-in model. Defaults are the shipped recipe (about 2.6 hours on a 2-core CPU)."""
+    """Recipe of the built-in model. Defaults are the shipped recipe (about 2.4-2.6 hours on a 2-core CPU)."""
 
     seed: int = 0  # everything (data, init, noise) derives from it
     threads: int = 0  # torch CPU threads; 0 = all cores
@@ -49,7 +49,7 @@ class BaseTrainConfig:
     dim: int = 192  # heads * 32; 128 trains 1.5x faster per step but at equal time draws worse (BENCHMARKS.md)
     layers: int = 4
     latent_cache: int = 20000  # scenes encoded once and reused, captions re-drawn each time
-    steps: int = 15000  # ~125 min at 2 threads for width 192, about what 24,000 steps of width 128 took
+    steps: int = 15000  # 110-125 min at 2 threads for width 192 (2.0-2.3 steps/s, machine to machine)
     batch: int = 32
     lr: float = 5e-4
     warmup: int = 200
