@@ -5,7 +5,9 @@
 Trains a 4-step student with each method (`lightbooth distill`, defaults except --steps), then scores every row
 with the same prompts, seeds and detector as `lightbooth eval` (strict accuracy per scene kind and language,
 English/Chinese agreement, variety over 64 seeds of "a circle") and times one image and a batch of 8 end to end
-on this CPU (wall clock, prompt encoding included, median of 5 after a warm-up).
+on this CPU (wall clock, prompt encoding included, median of 5 after a warm-up). Every row after the teacher is
+also compared with the teacher seed by seed: the share of prompts where it draws what the teacher drew (the
+detector reads the same objects and background), and how many of the teacher's strict passes it keeps.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from builtin_model import time_call  # noqa: E402
 
 def main() -> int:
     from lightbooth import Generator
-    from lightbooth.eval.quality import evaluate
+    from lightbooth.eval import detector
+    from lightbooth.eval.quality import agree, evaluate, prompt_set
     from lightbooth.training.distill.run import DistillConfig, train_distill
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,6 +35,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="distillation steps per method")
     ap.add_argument("--student-steps", type=int, default=4)
     ap.add_argument("--n", type=int, default=16, help="eval prompts per kind and language")
+    ap.add_argument("--kinds", default="single,pair,count", help="scene kinds to score (comma-separated)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="trajectory,dmd", help="methods to train (none: only --lora rows)")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
@@ -52,6 +56,7 @@ def main() -> int:
     for spec in args.lora:
         name, _, path = spec.partition("=")
         rows.append((name, [path], {}))
+    teacher = None
     for name, loras, settings in rows:
         gen = Generator.load(None, loras=loras, device="cpu", preset=settings.get("preset"))
 
@@ -59,9 +64,21 @@ def main() -> int:
             gen._cache.clear()
             gen(["a large red circle in the center, white background"], seed=0, num_images=b, **settings)
         t1, t8 = time_call(lambda: call(1), 5), time_call(lambda: call(8), 5)
-        rep = evaluate(gen, n=args.n, **{k: v for k, v in settings.items() if k in ("preset", "steps")})
+        rep = evaluate(gen, n=args.n, kinds=args.kinds.split(","),
+                       **{k: v for k, v in settings.items() if k in ("preset", "steps")})
         print(f"## {name}: batch 1 {t1:.3f} s, batch 8 {t8:.3f} s")
         print("\n".join(rep.lines()), flush=True)
+        if teacher is None:
+            teacher = rep
+            continue
+        print("seed by seed against the teacher (same drawing / teacher's strict passes kept):")
+        for key, dets in rep.detections.items():
+            ref = teacher.detections[key]
+            scenes = prompt_set(key.split("/")[0], len(dets))
+            same = sum(agree(a, b) for a, b in zip(ref, dets))
+            passes = [i for i, (sc, d) in enumerate(zip(scenes, ref)) if detector.check(sc, d)]
+            kept = sum(detector.check(scenes[i], dets[i]) for i in passes)
+            print(f"  {key:<10} {same / len(dets):6.1%}   {kept}/{len(passes)}", flush=True)
     return 0
 
 

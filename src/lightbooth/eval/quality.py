@@ -21,6 +21,7 @@ class EvalReport:
     agreement: dict[str, float] = field(default_factory=dict)  # kind -> EN/ZH same attributes share
     variety: dict[str, int] = field(default_factory=dict)  # distinct colours / cells over seeds of "a circle"
     count: int = 0
+    detections: dict[str, list] = field(default_factory=dict)  # "single/en" -> what the detector read, per seed
 
     def lines(self) -> list[str]:
         out = [f"strict accuracy ({self.count} prompts per kind and language):"]
@@ -58,7 +59,7 @@ def evaluate(gen, n: int = 32, kinds=shapes.KINDS, variety_seeds: int = 64, batc
         for lang in ("en", "zh"):
             prompts = [shapes.full_caption(s, lang, template=i % shapes.N_TEMPLATES) for i, s in enumerate(scenes)]
             images = _generate(gen, prompts, list(range(n)), batch_size, settings)
-            dets[lang] = [detector.detect(im) for im in images]
+            dets[lang] = rep.detections[f"{kind}/{lang}"] = [detector.detect(im) for im in images]
             ok = [detector.check(s, d) for s, d in zip(scenes, dets[lang])]
             rep.accuracy[f"{kind}/{lang}"] = float(np.mean(ok))
         rep.agreement[kind] = float(np.mean([agree(a, b) for a, b in zip(dets["en"], dets["zh"])]))
