@@ -37,7 +37,7 @@ def test_ode_states_and_trajectory_targets_reproduce_the_teachers_euler_path():
         expect = expect * (1 + a * float(grid[i + 1] - grid[i]))
     assert torch.allclose(states[2], expect, atol=1e-6) and torch.equal(states[0], x0)
     student = grid[[0, 2, 4]]
-    targets = methods.trajectory_targets(states, student)
+    targets = methods.trajectory_targets(list(zip(states, states[1:])), student)
     x = states[0]  # a student that outputs the targets lands exactly on the teacher's states
     for i, v in enumerate(targets):
         x = x + float(student[i + 1] - student[i]) * v
@@ -144,7 +144,16 @@ def test_a_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(qwen_dir,
     assert losses(straight) == losses(resumed)
 
 
-def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(qwen_dir, tmp_path):
+def test_student_states_follow_the_students_own_euler_steps():
+    vel = lambda x, s: x * s.view(-1, 1)  # noqa: E731
+    sig = torch.tensor([1.0, 0.5, 0.0])
+    out = methods.student_states(vel, torch.ones(2, 3), sig)
+    assert len(out) == 2 and torch.equal(out[0], torch.ones(2, 3))
+    assert torch.allclose(out[1], torch.full((2, 3), 0.5))  # 1 + (0.5 - 1) * 1 * 1
+
+
+@pytest.mark.parametrize("states", ["teacher", "student"])
+def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(states, qwen_dir, tmp_path):
     prompts, seeds = ["a red circle", "三个绿色三角形", "a blue square on the left"], [0, 1]
 
     def gap(student: Generator, **kw) -> float:
@@ -155,7 +164,7 @@ def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(
     teacher = Generator.load(qwen_dir, device="cpu")
     before = gap(teacher, steps=2, guidance=1.0, preset="lightning")
     path = train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", steps=30, lr=1e-3, rank=8,
-                                 teacher_guidance=4.0, checkpoint_every=100, seed=1))
+                                 teacher_guidance=4.0, checkpoint_every=100, seed=1, states=states))
     after = gap(Generator.load(qwen_dir, loras=[str(path)], device="cpu"))
     assert after < 0.8 * before, (before, after)
 
@@ -163,6 +172,8 @@ def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(
 def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
     with pytest.raises(LightboothError, match="student-steps"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), student_steps=3))
+    with pytest.raises(LightboothError, match="unknown --states"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", states="both"))
     with pytest.raises(LightboothError, match="unknown method"):
         train_distill(run_cfg(tmp_path, model=str(sd_dir), method="magic"))
     assert not (tmp_path / "run").exists()  # refused before anything was written

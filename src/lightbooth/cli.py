@@ -167,6 +167,8 @@ def distill(
     model: Optional[str] = typer.Option(None, help="Teacher: diffusers folder or cached hub id (default: built-in)."),
     lora: Optional[List[str]] = typer.Option(None, "--lora", help="LoRA fused into the teacher, PATH[:SCALE]; repeat."),
     method: Optional[str] = typer.Option(None, help="dmd (default) or trajectory."),
+    states: Optional[str] = typer.Option(None, help="trajectory: regress from the teacher's ODE states (default) "
+                                         "or from the student's own (student)."),
     student_steps: Optional[int] = typer.Option(None, "--student-steps", help="1, 2, 4 (default) or 8."),
     shift: Optional[float] = typer.Option(None, help="The student's fixed flow shift (default 3)."),
     teacher_preset: Optional[str] = typer.Option(None, "--teacher-preset", help="Teacher sampling preset."),

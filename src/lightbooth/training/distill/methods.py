@@ -6,7 +6,8 @@ is `f(x, sigma) -> v` with `sigma` a (B,) tensor; the caller binds prompts, guid
 
 Two methods:
 - trajectory regression (the baseline): the student's one Euler step over a segment of its schedule must land where
-  the teacher's ODE solution lands (progressive distillation, Salimans & Ho 2022, done in one stage);
+  the teacher's ODE solution lands (progressive distillation, Salimans & Ho 2022, done in one stage), each segment
+  starting on the teacher's path or on the student's own (backward distillation, Kohler et al. 2024);
 - DMD (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation", eq. 7-8, with DMD2's
   normalisation, two-time-scale updates and backward simulation of the multi-step student, Yin et al. 2024b,
   sec. 4.1 and 4.5): the student's samples are pushed along the difference between a "fake" score trained on
@@ -57,9 +58,19 @@ def ode_states(velocity: Velocity, x: torch.Tensor, sigmas: torch.Tensor, keep: 
     return [out[i] for i in keep]
 
 
-def trajectory_targets(states: list[torch.Tensor], sigmas: torch.Tensor) -> list[torch.Tensor]:
-    """Velocities that take one Euler step from each teacher state to the next: (x_{i+1} - x_i) / (s_{i+1} - s_i)."""
-    return [(b - a) / float(sigmas[i + 1] - sigmas[i]) for i, (a, b) in enumerate(zip(states, states[1:]))]
+def trajectory_targets(segments: list[tuple[torch.Tensor, torch.Tensor]], sigmas: torch.Tensor) -> list[torch.Tensor]:
+    """Velocities that take one Euler step over each segment (start at sigmas[i], end at sigmas[i+1])."""
+    return [(b - a) / float(sigmas[i + 1] - sigmas[i]) for i, (a, b) in enumerate(segments)]
+
+
+@torch.no_grad()
+def student_states(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor) -> list[torch.Tensor]:
+    """The states the student's own Euler sampling passes through, at every level of its schedule but the last."""
+    x, out = noise.float(), []
+    for i in range(len(sigmas) - 1):
+        out.append(x)
+        x = x + float(sigmas[i + 1] - sigmas[i]) * velocity(x, _per_sample(sigmas[i], x)).float()
+    return out
 
 
 def student_sample(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, stop: int | None = None,

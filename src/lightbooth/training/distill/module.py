@@ -129,15 +129,26 @@ class DistillModule(L.LightningModule):
 
     # --- the methods -------------------------------------------------------------------------------------------
     def trajectory_step(self, g: int, cond: Cond, uncond: Cond | None) -> torch.Tensor:
-        """Teacher ODE (its own sampler grid, CFG) through the student's sigmas; student regresses each segment."""
-        n, k = len(cond.embeds), len(self.student_sigmas) - 1
-        grid, where = methods.merged_schedule(self.teacher_sigmas(), self.student_sigmas)
-        with adapter(self.denoiser, None):
-            states = methods.ode_states(self.velocity(cond, uncond, self.teacher.guidance), self.start(g, n),
-                                        grid.to(self.device), where)
-        targets = methods.trajectory_targets(states, self.student_sigmas)
-        x = torch.cat(states[:-1])  # (k*B, ...): every segment of every sample in one forward
-        s = torch.cat([self.student_sigmas[i].expand(n) for i in range(k)]).to(self.device)
+        """Teacher ODE (its own sampler grid, CFG) over each segment of the student's schedule; the student's one
+        Euler step over the segment regresses onto it. The segments start from the teacher's own states, or with
+        `states: student` from where the student's own sampling (no gradients) has got to."""
+        n, k, sig = len(cond.embeds), len(self.student_sigmas) - 1, self.student_sigmas
+        grid, where = methods.merged_schedule(self.teacher_sigmas(), sig)
+        grid, teacher = grid.to(self.device), self.velocity(cond, uncond, self.teacher.guidance)
+        if self.cfg.states == "student":
+            with adapter(self.denoiser, STUDENT), torch.no_grad():
+                starts = methods.student_states(self.velocity(cond), self.start(g, n), sig.to(self.device))
+            with adapter(self.denoiser, None):
+                ends = [methods.ode_states(teacher, x, grid[where[i]:where[i + 1] + 1], [where[i + 1] - where[i]])[0]
+                        for i, x in enumerate(starts)]
+            states = list(zip(starts, ends))
+        else:
+            with adapter(self.denoiser, None):
+                path = methods.ode_states(teacher, self.start(g, n), grid, where)
+            states = list(zip(path, path[1:]))
+        targets = methods.trajectory_targets(states, sig)
+        x = torch.cat([a for a, _ in states])  # (k*B, ...): every segment of every sample in one forward
+        s = torch.cat([sig[i].expand(n) for i in range(k)]).to(self.device)
         rep = Cond.cat([cond] * k)
         with adapter(self.denoiser, STUDENT):
             v = self.family.velocity(x, rep, s, self.width, self.height)

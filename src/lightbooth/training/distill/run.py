@@ -22,6 +22,7 @@ from ...errors import LightboothError
 from ..common import LOGGERS
 
 METHODS = ("dmd", "trajectory")
+STATES = ("teacher", "student")
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "logger", "threads"}
 
 
@@ -36,6 +37,8 @@ class DistillConfig:
     student_steps: int = 4  # 1, 2, 4 or 8 sampling steps for the student
     shift: float = 3.0  # the student's fixed flow shift (Qwen-Image-Lightning uses 3; sd: 2 puts 4 steps near
     # timesteps 999/750/500/250)
+    states: str = "teacher"  # trajectory: regress from the teacher's own ODE states, or from the states the
+    # student itself reaches at inference ("student": backward distillation, Kohler et al. 2024, Imagine Flash)
     teacher_preset: str | None = None  # the teacher's sampling preset; None: "base" (the plain model, not a fast preset)
     teacher_steps: int | None = None  # override the preset's steps (trajectory targets are solved on this grid)
     teacher_guidance: float | None = None  # override the preset's CFG scale (distilled into the student)
@@ -61,6 +64,8 @@ def check_config(cfg: DistillConfig) -> None:
         raise LightboothError("no run folder given; pass --out RUN")
     if cfg.method not in METHODS:
         raise LightboothError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.states not in STATES:
+        raise LightboothError(f"unknown --states {cfg.states!r}; choose one of {', '.join(STATES)}")
     if cfg.student_steps not in (1, 2, 4, 8):
         raise LightboothError(f"--student-steps must be 1, 2, 4 or 8 (got {cfg.student_steps})")
     for name in ("steps", "batch_size", "rank", "fake_updates", "checkpoint_every", "keep"):
@@ -161,7 +166,7 @@ def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> 
         "lightbooth_preset": json.dumps({k: v for k, v in dataclasses.asdict(student_preset(cfg)).items()
                                          if k != "lora"}),
         "lightbooth_distill": json.dumps({
-            "method": cfg.method, "teacher": str(model_path), "teacher_loras": cfg.loras,
+            "method": cfg.method, "states": cfg.states, "teacher": str(model_path), "teacher_loras": cfg.loras,
             "teacher_preset": dataclasses.asdict(teacher.preset), "steps": cfg.steps, "seed": cfg.seed}),
     }
     path = run / "lora.safetensors"
