@@ -32,12 +32,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--preset", default=None, help="default: the model's default preset (base: the plain teacher)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gen = Generator.load(args.model, device="cpu")
+    gen = Generator.load(args.model, device="cpu", preset=args.preset)
     s = gen.settings()
     print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"defaults: {s.preset.steps} steps, guidance {s.preset.guidance}, {s.width}x{s.height}")
+          f"preset {s.preset_name}: {s.preset.steps} steps, guidance {s.preset.guidance}, {s.width}x{s.height}")
     for b in (1, 8):
         def call():
             gen._cache.clear()  # cold: prompt encoding is part of the time

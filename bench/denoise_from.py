@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     from lightbooth.images import to_pil
     from lightbooth.sampling import samplers
 
-    gen = Generator.load(args.model, device="cpu", dtype=torch.float32)
+    gen = Generator.load(args.model, device="cpu", dtype=torch.float32, preset="base")  # the plain model
     fam, guidance = gen.family, gen.settings().preset.guidance
     levels = [float(v) for v in args.levels.split(",")]
     rng = np.random.default_rng(args.seed)
