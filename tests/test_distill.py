@@ -174,6 +174,8 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), student_steps=3))
     with pytest.raises(LightboothError, match="unknown --states"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", states="both"))
+    with pytest.raises(LightboothError, match="applies to --method trajectory only"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", states="student"))
     with pytest.raises(LightboothError, match="unknown method"):
         train_distill(run_cfg(tmp_path, model=str(sd_dir), method="magic"))
     assert not (tmp_path / "run").exists()  # refused before anything was written

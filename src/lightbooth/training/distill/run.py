@@ -66,6 +66,9 @@ def check_config(cfg: DistillConfig) -> None:
         raise LightboothError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.states not in STATES:
         raise LightboothError(f"unknown --states {cfg.states!r}; choose one of {', '.join(STATES)}")
+    if cfg.states != "teacher" and cfg.method != "trajectory":
+        raise LightboothError(f"--states {cfg.states} applies to --method trajectory only (DMD always trains on the "
+                              "student's own samples); drop it or pass --method trajectory")
     if cfg.student_steps not in (1, 2, 4, 8):
         raise LightboothError(f"--student-steps must be 1, 2, 4 or 8 (got {cfg.student_steps})")
     for name in ("steps", "batch_size", "rank", "fake_updates", "checkpoint_every", "keep"):
