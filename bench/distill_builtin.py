@@ -81,7 +81,8 @@ def main() -> int:
                        **{k: v for k, v in settings.items() if k in ("preset", "steps")})
         print(f"## {name}: batch 1 {t1:.3f} s, batch 8 {t8:.3f} s")
         print("\n".join(rep.lines()), flush=True)
-        print("loose variety of 'a circle' (every image): {}/8 colours, {}/9 cells".format(*loose_variety(gen, settings)))
+        colours, cells = loose_variety(gen, settings)
+        print(f"loose variety of 'a circle' (every image): {colours}/8 colours, {cells}/9 cells")
         if teacher is None:
             teacher = rep
             continue
