@@ -15,7 +15,8 @@ Sections (in this order, each guarded so a failure or the time budget skips it a
   sd-train      SD 1.5 DreamBooth LoRA r4 step, batch 2 (instance + class), as diffusers' example does it
                 (fp16 autocast + GradScaler, VAE and text encoder every step) vs lightbooth (cached latents and
                 embeddings, bf16, fused AdamW, the whole step replayed as one CUDA graph): time and peak memory;
-                then `lightbooth dreambooth`'s own step (bench/gpu_trainer.py), eager and compiled
+                then `lightbooth dreambooth`'s own step (bench/gpu_trainer.py): eager, with
+                --cuda-graphs and compiled
   qwen          Qwen-Image 1024x1024, Lightning 8 steps and 50 steps CFG 4: stock pipeline vs lightbooth in bf16
                 and with fp8 transformer weights, each eager and with its blocks compiled (prompt embeddings given
                 to both: text encoding is the same transformers module in both and lightbooth caches it); one

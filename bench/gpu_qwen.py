@@ -203,6 +203,7 @@ def qwen(ctx) -> dict:
                 ctx, fam, Cond(pe), px, steps=8, prior=False, rank=16, grad_checkpointing=True, fp8=True,
                 compile=ctx.compile, lora_targets=["to_q", "to_k", "to_v", "to_out.0"],
                 precision="bf16-mixed")  # the trainer's choice on a GPU (the tiny CPU run's bf16 model needs it)
+            res["trainer_fp8"].pop("_lora_up")
         if "train_stock" in res:
             res["trainer_fp8"]["vs_stock"] = res["trainer_fp8"]["step_s"] / res["train_stock"]["step_s"]
     return res

@@ -220,7 +220,7 @@ def sd_train(ctx) -> dict:
     res["ours_fraction_of_ceiling"] = ctx.fraction(res["step_flops"], res["ours_s"])
     unet = ounet = opt = oopt = graphed = None  # noqa: F841 (freed; `del` would confuse the closures' linting)
     free(dev)
-    sd_trainer(ctx, comps, emb_cache, res)  # `lightbooth dreambooth`'s own step, eager and compiled
+    sd_trainer(ctx, comps, emb_cache, res)  # `lightbooth dreambooth`'s own step: eager, graphs, compiled
     ctx.sd_comps = ctx.sd_pipe = ctx.sd_ours = None  # the Qwen sections' memory numbers must not include SD
     free(dev)
     return res

@@ -23,13 +23,14 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
 
     from lightbooth.config import load_config
     from lightbooth.families.base import Cond
+    from lightbooth.lora import from_peft_model
     from lightbooth.training.dreambooth import DreamBoothConfig, fit, prepare_denoiser
     from lightbooth.training.dreambooth_module import CachedData
 
     dev = ctx.dev
+    g = torch.Generator().manual_seed(0)  # every row trains on the same data, whatever ran before
     with torch.inference_mode():  # latents of the training size, as cache_data makes them
-        z = family.encode_images(torch.rand(1, 3, px, px, device=dev) * 2 - 1)[0].float().cpu()
-    g = torch.Generator().manual_seed(0)
+        z = family.encode_images((torch.rand(1, 3, px, px, generator=g) * 2 - 1).to(dev))[0].float().cpu()
     lat = [torch.randn(z.shape, generator=g) * z.std() for _ in range(8)]
     cpu_cond = Cond(cond.embeds.float().cpu(), None)
     data = CachedData(lat[:4], ["a qzx star"] * 4, lat[4:], "a star", {"a qzx star": cpu_cond, "a star": cpu_cond})
@@ -55,8 +56,10 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
         prepare_denoiser(cfg, family)
         fit(cfg, family, data, Path(run), None, [Timer()])
         total = time.time() - t0
+    # the up factors start at zero: they are what the steps learnt
+    trained = {k: v.up.float().cpu() for k, v in from_peft_model(family.denoiser_name, family.denoiser).items()}
     out = {"steps": len(times), "first_two_steps_s": sum(times[:2]), "step_s": statistics.median(times[2:]),
-           "total_s": total, **{k: v for k, v in settings.items() if not isinstance(v, list)}}
+           "total_s": total, "_lora_up": trained, **{k: v for k, v in settings.items() if not isinstance(v, list)}}
     if dev.type == "cuda":
         out["mem_before_gib"], out["peak_gib"] = peak.get("before_gib"), torch.cuda.max_memory_allocated() / GiB
     free(dev)
@@ -73,14 +76,32 @@ def sd_trainer(ctx, comps, emb: torch.Tensor, res: dict) -> None:
     from lightbooth.families.sd import SDFamily
 
     px = 512 if not ctx.tiny else 32
-    for label, compile_ in (("trainer_eager", False), ("trainer_compiled", True)):
-        if (compile_ and not ctx.compile) or ctx.over_budget(120 if compile_ else 40):
+    rows = (("trainer_eager", {}), ("trainer_graphs", {"cuda_graphs": True}), ("trainer_compiled", {"compile": True}))
+    for label, extra in rows:
+        if (extra.get("compile") and not ctx.compile) or ctx.over_budget(120 if extra.get("compile") else 40):
             continue
         dt = torch.bfloat16 if ctx.dev.type == "cuda" else torch.float32  # what the trainer loads
         fam = SDFamily({k: copy.deepcopy(v).to(dt) if isinstance(v, torch.nn.Module) else v
                         for k, v in comps.items()}, ROOT, ctx.dev, dt)
-        res[label] = trainer_steps(ctx, fam, Cond(emb[:1]), px, steps=10, rank=4, prior=True, compile=compile_)
+        try:
+            res[label] = trainer_steps(ctx, fam, Cond(emb[:1]), px, steps=10, rank=4, prior=True, **extra)
+        except Exception as e:  # one row failing must not cost the others
+            res[label] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            continue
+        finally:
+            del fam
+            free(ctx.dev)
         if "stock_s" in res:
             res[label]["vs_stock"] = res[label]["step_s"] / res["stock_s"]
-        del fam
-        free(ctx.dev)
+        lora = res[label].pop("_lora_up")
+        if label == "trainer_eager":
+            eager_lora = lora
+        elif "trainer_eager" in res:  # same seed, same batches and noise: the same learnt factors
+            res[label]["lora_up_rel_err_vs_eager"] = lora_rel_err(lora, eager_lora)
+
+
+def lora_rel_err(a: dict, b: dict) -> float:
+    """Relative distance between two sets of LoRA factors with the same keys."""
+    num = sum(float((a[k] - b[k]).double().square().sum()) for k in b)
+    den = sum(float(b[k].double().square().sum()) for k in b)
+    return (num / den) ** 0.5 if den else float("nan")

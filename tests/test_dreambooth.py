@@ -359,6 +359,8 @@ def test_bad_instance_folders_are_one_line_errors(qwen_dir, tmp_path, capsys):
     (["--token", "two words"], "without spaces"),
     (["--train-text-encoder"], "sd only"),
     (["--fp8", "--full"], "drop one of them"),
+    (["--cuda-graphs", "--compile"], "drop --compile"),
+    (["--cuda-graphs", "--grad-accum", 2], "one backward per step"),
     (["--resolution", 60], "multiple of 8"),
 ])
 def test_bad_settings_are_one_line_errors(qwen_dir, instance_dir, tmp_path, capsys, args, needle):

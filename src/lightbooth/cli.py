@@ -137,6 +137,7 @@ def dreambooth(
     grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing", help="Trade compute for memory."),
     fp8: Optional[bool] = typer.Option(None, "--fp8", help="Frozen denoiser weights in fp8 (half the memory; LoRA)."),
     compile: Optional[bool] = typer.Option(None, "--compile", help="torch.compile the denoiser (slow first step)."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs", help="Replay the denoiser as CUDA graphs."),
     adam8bit: Optional[bool] = typer.Option(None, "--adam8bit", help="bitsandbytes 8-bit AdamW."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept (default 2)."),

@@ -8,6 +8,7 @@ not move or change shape between replays. Off CUDA these wrappers call the funct
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
@@ -121,3 +122,66 @@ class GraphedTrainStep:
             dst.copy_(src)
         self.graph.replay()
         return self.static_loss.clone()
+
+
+class _Flat(torch.nn.Module):
+    """`module(*args, **kwargs)` with the tensor arguments as positional inputs and the rest fixed: the form
+    `make_graphed_callables` takes. Holds `module` as a child so that its parameters are the graph's too."""
+
+    def __init__(self, module: torch.nn.Module, slots: list, fixed: dict):
+        super().__init__()
+        self.module, self.slots, self.fixed = module, slots, fixed
+
+    def forward(self, *tensors: torch.Tensor):
+        given = {**self.fixed, **dict(zip(self.slots, tensors))}
+        args = [given[i] for i in range(sum(isinstance(k, int) for k in given))]
+        out = self.module(*args, **{k: v for k, v in given.items() if isinstance(k, str)})
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+class GraphedForwardBackward:
+    """Training: a module's forward and its backward each replayed from a CUDA graph (eager off CUDA).
+
+    A drop-in for `module(*args, **kwargs)` inside an ordinary autograd loop (`torch.cuda.make_graphed_callables`):
+    gradients reach the module's parameters as usual, and the loss, the optimizer, gradient clipping and whatever
+    the training framework does around the step stay eager. A pair of graphs is recorded per call signature (tensor
+    shapes, dtypes and `requires_grad`, and the values of the other arguments), after `warmup` eager passes on a
+    side stream that compute gradients without accumulating them. The call must return a tensor or a tuple of
+    tensors (pass `return_dict=False` to diffusers models); the outputs are the graph's buffers, overwritten by the
+    next call, so use them before calling again. Under autocast the recording runs with autocast's cache off, which
+    graphs require. Only while the module is in training mode; in eval mode and off CUDA it is called directly.
+    """
+
+    def __init__(self, module: torch.nn.Module, warmup: int = 3):
+        self.module, self.warmup = module, warmup
+        self.graphed: dict[tuple, torch.nn.Module] = {}
+        self.failed: str | None = None  # why recording failed; every call then runs eagerly
+
+    def __call__(self, *args, **kwargs):
+        items = list(enumerate(args)) + list(kwargs.items())
+        tensors = [(k, v) for k, v in items if isinstance(v, torch.Tensor)]
+        if (self.failed or not tensors or tensors[0][1].device.type != "cuda" or not self.module.training
+                or not torch.is_grad_enabled()):
+            return self.module(*args, **kwargs)
+        fixed = {k: v for k, v in items if not isinstance(v, torch.Tensor)}
+        key = (tuple((k, tuple(v.shape), v.dtype, v.requires_grad) for k, v in tensors), repr(sorted(
+            fixed.items(), key=lambda kv: str(kv[0]))))
+        if key not in self.graphed:
+            try:
+                self.graphed[key] = self._record([k for k, _ in tensors], fixed, [v for _, v in tensors])
+            except (RuntimeError, AssertionError) as e:  # correct, just not faster
+                self.failed = f"{type(e).__name__}: {e}"[:300]
+                warnings.warn(f"CUDA graph recording of the denoiser failed, training eagerly: {self.failed}")
+                torch.cuda.synchronize()
+                return self.module(*args, **kwargs)
+        return self.graphed[key](*(v for _, v in tensors))
+
+    def _record(self, slots: list, fixed: dict, tensors: list[torch.Tensor]) -> torch.nn.Module:
+        sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
+        flat = _Flat(self.module, slots, fixed)
+        dev = sample[0].device.type
+        cast = (torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
+                if torch.is_autocast_enabled(dev) else contextlib.nullcontext())
+        with cast:
+            return torch.cuda.make_graphed_callables(flat, sample, num_warmup_iters=self.warmup,
+                                                     allow_unused_input=True)

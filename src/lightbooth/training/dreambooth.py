@@ -25,7 +25,8 @@ DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sk
 EXPORTS = ("kohya",)
 # keys that may differ when resuming a run: how long and how it is watched, not what it trains on
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "validate_every", "validation_prompt", "logger", "export",
-                     "devices", "strategy", "threads", "compile"}
+                     "devices", "strategy", "threads", "compile",
+                     "cuda_graphs"}
 
 
 @dataclass
@@ -61,6 +62,7 @@ class DreamBoothConfig:
     grad_checkpointing: bool = False
     fp8: bool = False  # the frozen denoiser weights in fp8 (e4m3, per-row scales): half their memory; LoRA only
     compile: bool = False  # torch.compile the denoiser (its repeated blocks where it has them): slow first step
+    cuda_graphs: bool = False  # replay the denoiser's forward and backward as CUDA graphs (one GPU; no --compile)
     adam8bit: bool = False  # bitsandbytes 8-bit AdamW (GPU)
     checkpoint_every: int = 100
     keep: int = 2  # checkpoints kept
@@ -88,6 +90,10 @@ def check_config(cfg: DreamBoothConfig) -> None:
             raise LightboothError(f"'{key}' must be at least 1 (got {v})")
     if cfg.fp8 and cfg.full:
         raise LightboothError("--fp8 stores frozen weights in fp8, and --full trains every weight; drop one of them")
+    if cfg.cuda_graphs and (cfg.compile or cfg.devices > 1 or cfg.train_text_encoder or cfg.grad_accum > 1):
+        # one replay per step, its gradients read before the next (accumulating would reuse the graph's buffers)
+        raise LightboothError("--cuda-graphs records the denoiser alone on one GPU, one backward per step; drop "
+                              "--compile, --train-text-encoder, --grad-accum and --devices, or drop --cuda-graphs")
     if cfg.lr <= 0 or cfg.prior_loss_weight < 0:
         raise LightboothError("'lr' must be positive and 'prior_loss_weight' not negative")
     if cfg.batch_size % cfg.devices:

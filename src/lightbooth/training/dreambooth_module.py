@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from ..accel.graphs import GraphedForwardBackward
 from ..errors import LightboothError
 from ..families.base import Cond
 from .common import StepEnd, draw_seed, spec_loader, stop_if_not_finite
@@ -112,6 +113,8 @@ class DreamBoothModule(L.LightningModule):
         self.text_encoder = family.components["text_encoder"].train() if cfg.train_text_encoder else None
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.last_loss: torch.Tensor | None = None
+        # a plain object, not a submodule: the denoiser's weights must appear once in checkpoints
+        self.graphed = GraphedForwardBackward(self.denoiser) if cfg.cuda_graphs else None
 
     def train_dataloader(self):
         t = self.trainer  # called after a checkpoint is restored: global_step is where training continues
@@ -133,10 +136,11 @@ class DreamBoothModule(L.LightningModule):
             z, prompt = self.data.sample(kind, index)
             shapes.setdefault(tuple(z.shape), []).append((z, prompt, pos, kind == "class"))
         losses, is_class = [], []
+        denoiser = self.graphed if self.graphed is not None else self.denoiser
         for group in shapes.values():
             x0 = torch.stack([z for z, *_ in group]).to(self.device)  # (b, C, h, w)
             noise, u = zip(*(draws(self.cfg.seed, g, pos, x0.shape[1:]) for _, _, pos, _ in group))
-            losses.append(self.family.training_loss(self.denoiser, x0, self.encode([p for _, p, _, _ in group]),
+            losses.append(self.family.training_loss(denoiser, x0, self.encode([p for _, p, _, _ in group]),
                                                     torch.stack(noise).to(x0), torch.stack(u).to(self.device)))
             is_class += [c for *_, c in group]
         loss = prior_preservation_loss(torch.cat(losses), torch.tensor(is_class, device=self.device),
