@@ -78,6 +78,7 @@ class Ctx:
         self.repeats = args.repeats
         self.qwen_cases = args.qwen_cases.split(",")
         self.profile = args.profile
+        self.qwen_trainer_only = args.qwen_trainer_only
         self.compile = args.compile == "yes" or (args.compile == "auto" and self.dev.type == "cuda")
         self.ceiling = None
         self.sd_comps = self.sd_pipe = self.sd_ours = self.qwen = self.qwen_train_ref = self.qwen_side = None
@@ -177,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", choices=("auto", "yes", "no"), default="auto",
                     help="the torch.compile variants (auto: on CUDA only; compiling takes about a minute each)")
     ap.add_argument("--qwen-cases", default="lightning,base", help="lightning (8 steps) and/or base (50, CFG 4)")
+    ap.add_argument("--qwen-trainer-only", action="store_true",
+                    help="qwen: only the stock LoRA step and `lightbooth dreambooth`'s own (skips generation)")
     ap.add_argument("--budget", type=float, default=480, help="seconds; later sections are skipped past it")
     args = ap.parse_args(argv)
     ctx = Ctx(args)

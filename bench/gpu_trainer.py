@@ -3,7 +3,8 @@
 The trainer's functions run as `train_dreambooth` runs them after caching: `prepare_denoiser` (fp8, the LoRA,
 compiling) and `fit` (Lightning, bf16-mixed, cached latents and prompt encodings, checkpoints, its sampler and
 loss), on the full-size random components the other sections built. A callback times every step (device
-synchronized) and reads the peak memory from the third step on; the first steps (compiling) are reported apart.
+synchronized) and reads the peak memory from the third step on, of training alone and of the whole run (with the
+final validation image); the first steps (compiling) are reported apart.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync(dev)
             times.append(time.perf_counter() - self.t0)
+            if dev.type == "cuda":  # training alone; the run's peak below includes the final validation image
+                peak["train_gib"] = torch.cuda.max_memory_allocated() / GiB
 
     with tempfile.TemporaryDirectory() as run:
         cfg = load_config(DreamBoothConfig, None, dict(
@@ -61,7 +64,8 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
     out = {"steps": len(times), "first_two_steps_s": sum(times[:2]), "step_s": statistics.median(times[2:]),
            "total_s": total, "_lora_up": trained, **{k: v for k, v in settings.items() if not isinstance(v, list)}}
     if dev.type == "cuda":
-        out["mem_before_gib"], out["peak_gib"] = peak.get("before_gib"), torch.cuda.max_memory_allocated() / GiB
+        out["mem_before_gib"], out["train_peak_gib"] = peak.get("before_gib"), peak.get("train_gib")
+        out["run_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     free(dev)
     return out
 

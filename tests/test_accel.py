@@ -157,9 +157,11 @@ def test_flat_form_of_a_denoiser_call_is_the_same_call(which):
 
 
 @cuda
-def test_graphed_forward_backward_trains_like_the_eager_module():
+def test_graphed_forward_backward_trains_like_the_eager_module(monkeypatch):
     from peft import LoraConfig, inject_adapter_in_model
 
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 both ways: differences are summation order
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     module, args, kwargs = _denoiser_calls()[0]
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     nets = [inject_adapter_in_model(lora, copy.deepcopy(module)).cuda() for _ in range(2)]
@@ -167,7 +169,7 @@ def test_graphed_forward_backward_trains_like_the_eager_module():
         for name, p in n.named_parameters():
             p.requires_grad_("lora_" in name)
     nets[1].load_state_dict(nets[0].state_dict())
-    opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
+    opts = [torch.optim.SGD([p for p in n.parameters() if p.requires_grad], lr=0.5) for n in nets]
     graphed = GraphedForwardBackward(nets[1])
     for step in range(6):
         x = torch.randn_like(args[0]).cuda()
@@ -176,9 +178,9 @@ def test_graphed_forward_backward_trains_like_the_eager_module():
             opt.zero_grad()
             f(x, t, encoder_hidden_states=emb, return_dict=False)[0].square().mean().backward()
             opt.step()
-    assert graphed.failed is None and len(graphed.graphed) == 1
-    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
-        assert torch.allclose(a, b, atol=1e-5), name
+    assert graphed.failed is None and len(graphed.graphed) == 1, graphed.failed
+    ups = [torch.cat([p.flatten() for name, p in n.named_parameters() if "lora_B" in name]) for n in nets]
+    assert ups[0].abs().max() > 0 and rel(ups[1], ups[0]) < 1e-4  # lora_B starts at zero: what was learnt
 
 
 def test_a_trace_starts_with_the_second_run_of_a_shape_and_sees_weights_changed_in_place():

@@ -155,6 +155,8 @@ class GraphedForwardBackward:
     def __init__(self, module: torch.nn.Module, warmup: int = 3):
         self.module, self.warmup = module, warmup
         self.graphed: dict[tuple, torch.nn.Module] = {}
+        # make_graphed_callables warms up on a side stream by design; autograd then warns once per parameter node
+        warnings.filterwarnings("ignore", "The AccumulateGrad node's stream does not match")
         self.failed: str | None = None  # why recording failed; every call then runs eagerly
 
     def __call__(self, *args, **kwargs):
