@@ -119,6 +119,26 @@ def assert_same_weights(ours: dict, ref: dict, base: dict):
     assert changed > 0  # the LoRA did something
 
 
+def test_lora_adapters_train_in_fp32_on_a_bf16_base(sd_dir):
+    """peft makes adapters in the base's dtype; bf16 weights would round Adam's small steps away."""
+    from lightbooth.families.base import Cond
+    from lightbooth.generate import Generator
+    from lightbooth.training.dreambooth import make_trainable
+
+    family = Generator.load(sd_dir, device="cpu", dtype=torch.bfloat16, fast=False).family
+    make_trainable(DreamBoothConfig(instance_dir="i", class_noun="star", out="o", rank=4), family)
+    trainable = {n: p.dtype for n, p in family.denoiser.named_parameters() if p.requires_grad}
+    frozen = {p.dtype for p in family.denoiser.parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32} and frozen == {torch.bfloat16}
+    x0 = torch.randn(2, 4, 8, 8)
+    emb = torch.randn(2, 7, family.denoiser.config.cross_attention_dim, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16-mixed runs
+        loss = family.training_loss(family.denoiser, x0, Cond(emb), torch.randn_like(x0), torch.rand(2)).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in family.denoiser.parameters() if p.requires_grad)
+
+
 def test_qwen_lora_run_writes_its_files_and_loads_in_lightbooth_and_diffusers(qwen_dir, instance_dir, runs, capsys):
     from lightbooth import Generator
 

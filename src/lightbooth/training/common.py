@@ -27,6 +27,16 @@ def stop_if_not_finite(module: L.LightningModule, loss: torch.Tensor, run: Path)
                             "again with --overwrite")
 
 
+def trainable_in_fp32(*modules: torch.nn.Module) -> None:
+    """Trainable parameters (LoRA adapters) in fp32, whatever the frozen base's dtype (peft makes adapters in the
+    base's dtype). bf16 has 8 bits of mantissa: an Adam step of about lr on a weight rounds away, so bf16-mixed
+    training needs fp32 weights to step; autocast still runs the adapters' products in bf16."""
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+
 class _Specs(torch.utils.data.Dataset):
     def __getitem__(self, spec):
         return spec

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LightboothError
-from .common import LOGGERS
+from .common import LOGGERS, trainable_in_fp32
 
 DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sks" is a rifle and a common token
 EXPORTS = ("kohya",)
@@ -140,7 +140,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     images = load_instance_images(cfg.instance_dir)  # bad input fails before the run folder is touched
     model_path = resolve_model(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # LoRA: the frozen base in the family's dtype (bf16 on GPU; peft keeps the adapters fp32); full: fp32 master weights
+    # LoRA: the frozen base in the family's dtype (bf16 on GPU), the adapters fp32 (make_trainable); full: fp32
     # fast=False: LoRA targets need the separate Q/K/V projections that CUDA fast paths would fuse
     gen = Generator.load(model_path, device=device, dtype=torch.float32 if cfg.full else None, fast=False,
                          preset="base")  # the plain model: a preset's own LoRA (a shipped distilled one) stays out
@@ -267,6 +267,8 @@ def make_trainable(cfg: DreamBoothConfig, family) -> None:
             inject_adapter_in_model(lora, module)
         except ValueError as e:
             raise LightboothError(f"LoRA targets {list(targets)} do not match the model: {str(e).splitlines()[0]}")
+    if not cfg.full:
+        trainable_in_fp32(*(m for m, _ in parts))
     if cfg.grad_checkpointing:
         family.denoiser.enable_gradient_checkpointing()
 

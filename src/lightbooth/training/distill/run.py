@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ...errors import LightboothError
-from ..common import LOGGERS
+from ..common import LOGGERS, trainable_in_fp32
 
 METHODS = ("dmd", "trajectory")
 STATES = ("teacher", "student")
@@ -134,6 +134,7 @@ def add_adapters(cfg: DistillConfig, family) -> None:
         inject_adapter_in_model(lora, family.denoiser, adapter_name=name)
     for n, p in family.denoiser.named_parameters():
         p.requires_grad_(any(f".{name}." in n for name in names))
+    trainable_in_fp32(family.denoiser)
 
 
 def fit(cfg: DistillConfig, family, teacher_preset, sigmas, size, run: Path, ckpt_path: Path | None) -> None:
