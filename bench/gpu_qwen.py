@@ -273,6 +273,15 @@ def qwen_train(ctx, res: dict, label: str, mask) -> None:
         out["loss_rel_err"] = abs(float(loss.detach()) - ctx.qwen_train_ref[0]) / abs(ctx.qwen_train_ref[0])
         out["lora_grad_rel_err"] = rel_err(grad, ctx.qwen_train_ref[1])
     out["step_s"] = timed(step, dev, repeats=max(2, ctx.repeats - 1), warmup=1)
+    if dev.type == "cuda":  # where the peak happens, as the trainer rows report it
+        torch.cuda.reset_peak_memory_stats()
+        loss = loss_fn()
+        out["forward_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        out["held_for_backward_gib"] = torch.cuda.memory_allocated() / GiB
+        loss.backward()
+        out["backward_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        opt.zero_grad(set_to_none=True)
+        loss = None
     out["mem_before_gib"], out["peak_gib"] = peak_memory(step, dev)
     if label != "stock" and "train_stock" in res:
         out["vs_stock"] = out["step_s"] / res["train_stock"]["step_s"]

@@ -45,6 +45,15 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
                 peak["before_gib"] = torch.cuda.memory_allocated() / GiB
             self.t0 = time.perf_counter()
 
+        def on_before_backward(self, trainer, pl_module, loss):  # where the peak happens: forward or backward
+            if pl_module.global_step == 2 and dev.type == "cuda":
+                peak["forward_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+                peak["held_for_backward_gib"] = torch.cuda.memory_allocated() / GiB
+
+        def on_after_backward(self, trainer, pl_module):
+            if pl_module.global_step == 2 and dev.type == "cuda":
+                peak["backward_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync(dev)
             times.append(time.perf_counter() - self.t0)
@@ -66,6 +75,7 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
     if dev.type == "cuda":
         out["mem_before_gib"], out["train_peak_gib"] = peak.get("before_gib"), peak.get("train_gib")
         out["run_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        out.update({k: v for k, v in peak.items() if k.endswith("ward_gib") or k.endswith("ward_peak_gib")})
     free(dev)
     return out
 
