@@ -25,8 +25,7 @@ DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sk
 EXPORTS = ("kohya",)
 # keys that may differ when resuming a run: how long and how it is watched, not what it trains on
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "validate_every", "validation_prompt", "logger", "export",
-                     "devices", "strategy", "threads", "compile",
-                     "cuda_graphs"}
+                     "devices", "strategy", "threads", "compile", "cuda_graphs"}
 
 
 @dataclass
