@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_measure import GiB, free, sync
+from gpu_measure import GiB, free, rel_err, sync
 
 
 def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
@@ -111,11 +111,5 @@ def sd_trainer(ctx, comps, emb: torch.Tensor, res: dict) -> None:
         if label == "trainer_eager":
             eager_lora = lora
         elif "trainer_eager" in res:  # same seed, same batches and noise: the same learnt factors
-            res[label]["lora_up_rel_err_vs_eager"] = lora_rel_err(lora, eager_lora)
-
-
-def lora_rel_err(a: dict, b: dict) -> float:
-    """Relative distance between two sets of LoRA factors with the same keys."""
-    num = sum(float((a[k] - b[k]).double().square().sum()) for k in b)
-    den = sum(float(b[k].double().square().sum()) for k in b)
-    return (num / den) ** 0.5 if den else float("nan")
+            res[label]["lora_up_rel_err_vs_eager"] = rel_err(torch.cat([lora[k].flatten() for k in eager_lora]),
+                                                             torch.cat([v.flatten() for v in eager_lora.values()]))
