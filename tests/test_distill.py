@@ -169,6 +169,54 @@ def test_trajectory_distillation_brings_the_few_step_student_toward_the_teacher(
     assert after < 0.8 * before, (before, after)
 
 
+def test_personalize_then_go_fast_by_stacking_or_by_distilling_the_personalized_teacher(qwen_dir, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    from lightbooth.data import shapes
+    from lightbooth.training.dreambooth import DreamBoothConfig, train_dreambooth
+
+    inst = tmp_path / "subject"
+    inst.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        shapes.render_subject(rng=rng).save(inst / f"{i}.png")
+    subject = str(train_dreambooth(DreamBoothConfig(
+        instance_dir=str(inst), class_noun="star", out=str(tmp_path / "db"), model=str(qwen_dir), steps=2, lr=1e-2,
+        rank=4, prior=False, validation_prompt=[], logger="none")))
+    fast = str(train_distill(run_cfg(tmp_path / "fast", model=str(qwen_dir), method="trajectory", lr=1e-2)))
+
+    # 1. stacked, in either order: the distilled LoRA's schedule, and the weights stock diffusers fuses from both
+    for loras in ([fast, subject], [subject, fast]):
+        gen = Generator.load(qwen_dir, loras=loras, device="cpu")
+        assert (gen.settings().preset_name, gen.settings().preset.steps, gen.settings().preset.guidance) == (
+            "lora", 2, 1.0)
+    pipe = QwenImagePipeline.from_pretrained(str(qwen_dir))
+    pipe.load_lora_weights(fast, adapter_name="fast")
+    pipe.load_lora_weights(subject, adapter_name="subject")
+    pipe.set_adapters(["fast", "subject"])
+    pipe.fuse_lora(adapter_names=["fast", "subject"])
+    ours, plain = dict(gen.family.denoiser.named_parameters()), Generator.load(qwen_dir, device="cpu")
+    base = dict(plain.family.denoiser.named_parameters())
+    changed = 0
+    for n, p in pipe.transformer.named_parameters():
+        n = n.replace(".base_layer", "")
+        if "lora_" not in n and n in ours:
+            assert torch.allclose(p, ours[n], atol=1e-5), n
+            changed += not torch.equal(ours[n], base[n])
+    assert changed > 0
+
+    # 2. distilled from the personalized teacher (the subject fused into it): the same run as `fast` but for the
+    # teacher ends with other weights, the provenance names the subject, and generation stacks the two files
+    personal = train_distill(run_cfg(tmp_path / "pfast", model=str(qwen_dir), method="trajectory", lr=1e-2,
+                                     loras=[subject]))
+    assert json.loads(validate_safetensors(personal)["lightbooth_distill"])["teacher_loras"] == [subject]
+    with safe_open(fast, "pt") as a, safe_open(str(personal), "pt") as b:
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if "lora_up" in k)
+    gen = Generator.load(qwen_dir, loras=[subject, str(personal)], device="cpu")
+    img = gen("a qzx star", seed=0)[0]
+    assert json.loads(img.info["lightbooth"])["steps"] == 2
+
+
 def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
     with pytest.raises(LightboothError, match="student-steps"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), student_steps=3))
