@@ -1,6 +1,7 @@
 """Few-step distillation: the maths against closed forms, adapter routing, and whole runs on tiny Qwen-Image and SD."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from lightbooth import Generator
 from lightbooth.errors import LightboothError
 from lightbooth.families.base import Cond, Family, Preset, can_distill
 from lightbooth.generate import Job
-from lightbooth.safeload import validate_safetensors
+from lightbooth.safeload import load_safetensors, validate_safetensors
 from lightbooth.sampling import samplers, schedules
 from lightbooth.training.distill import methods
 from lightbooth.training.distill.module import FAKE, STUDENT, adapter
@@ -134,8 +135,13 @@ def test_distill_writes_a_lightning_format_lora_that_generate_and_diffusers_load
 def test_a_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(qwen_dir, tmp_path):
     straight = train_distill(run_cfg(tmp_path / "a", model=str(qwen_dir), method="dmd", steps=4, fake_updates=2))
     train_distill(run_cfg(tmp_path / "b", model=str(qwen_dir), method="dmd", steps=2, fake_updates=2))
+    shutil.copytree(tmp_path / "b", tmp_path / "moved")  # a copied run folder resumes where it now is
     resumed = train_distill(run_cfg(tmp_path / "b", model=str(qwen_dir), method="dmd", steps=4, fake_updates=2),
                             resume="auto")
+    moved = train_distill(run_cfg(tmp_path / "moved", model=str(qwen_dir), method="dmd", steps=4, fake_updates=2),
+                          resume="auto")
+    (a, meta_a), (b, meta_b) = load_safetensors(moved), load_safetensors(resumed)
+    assert meta_a == meta_b and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with safe_open(str(straight), "pt") as a, safe_open(str(resumed), "pt") as b:
         assert sorted(a.keys()) == sorted(b.keys())
         for k in a.keys():

@@ -129,8 +129,9 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
     saved = run / "config.yaml"
     if resume and saved.exists():
         old = load_config(type(cfg), saved)
-        changed = [f.name for f in dataclasses.fields(cfg)
-                   if getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change]
+        # `out` is this folder: a run copied or moved elsewhere resumes where it now is
+        changed = [f.name for f in dataclasses.fields(cfg) if f.name != "out"
+                   and getattr(old, f.name) != getattr(cfg, f.name) and f.name not in may_change]
         if changed:
             raise LightboothError(f"{saved} differs from the config given in '{changed[0]}'; resume with the same "
                                   "config (or none, to reuse the saved one)")
