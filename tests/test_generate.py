@@ -169,3 +169,26 @@ def test_a_preset_can_fuse_a_lora_shipped_in_the_model_folder(qwen_dir, tmp_path
     (model / "fast" / "four.safetensors").unlink()
     with pytest.raises(LightboothError, match="missing"):
         Generator.load(model, device="cpu")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomically_written_files_get_the_mode_of_ordinary_new_files(umask, tmp_path):
+    """mkstemp's 0600 must not leak into images, LoRAs and configs (other users of a shared folder read them)."""
+    import os
+
+    from PIL import Image
+
+    from lightbooth.atomic import write_text_atomic
+    from lightbooth.images import save_png
+    from lightbooth.safeload import save_safetensors_atomic
+
+    old = os.umask(umask)
+    try:
+        files = [save_png(Image.new("RGB", (4, 4)), tmp_path, "img"), tmp_path / "lora.safetensors",
+                 tmp_path / "config.yaml"]
+        save_safetensors_atomic({"w": torch.zeros(2)}, files[1])
+        write_text_atomic(files[2], "a: 1\n")
+    finally:
+        os.umask(old)
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(0o666 & ~umask)] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "img.png", "lora.safetensors"]

@@ -24,7 +24,7 @@ LIMIT_MB = 25.0
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
-    from lightbooth.config import write_text_atomic
+    from lightbooth.atomic import write_text_atomic
     from lightbooth.models import builtin_model_path
     from lightbooth.safeload import validate_safetensors
 

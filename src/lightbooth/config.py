@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .atomic import write_text_atomic
 from .errors import LightboothError
 
 C = TypeVar("C")
@@ -64,12 +64,3 @@ def save_config(cfg, path: Path) -> None:
     text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
     write_text_atomic(path, text)
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from .atomic import temp_file
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -62,7 +63,7 @@ def save_png(image: Image.Image, out_dir: Path, stem: str) -> Path:
         if key in image.info:
             info.add_itxt(key, image.info[key])
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out_dir)
+    fd, tmp = temp_file(out_dir, suffix=".png")
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lightbooth.atomic import new_file_mode, temp_file
 from lightbooth.errors import LightboothError
 
 # Bytes per element of the safetensors dtypes that torch can load. Sub-byte types (F4, F6_*) are refused.
@@ -187,10 +187,11 @@ def save_safetensors_atomic(
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map str to str")
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    fd, tmp = temp_file(dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(clean, tmp, metadata=metadata)
+        os.chmod(tmp, new_file_mode())  # safetensors replaces the file with one of its own, 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)

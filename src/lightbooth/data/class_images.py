@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import write_text_atomic
+from ..atomic import write_text_atomic
 from ..errors import LightboothError
 from .instance import IMAGE_SUFFIXES
 

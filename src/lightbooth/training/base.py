@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import write_text_atomic
+from ..atomic import write_text_atomic
 from ..data import shapes
 from ..errors import LightboothError
 from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_length

@@ -1,0 +1,40 @@
+"""Atomic writes: a temporary file in the destination folder, then a rename (or a link) into place.
+
+`tempfile.mkstemp` makes its file readable by its owner only (0600), and a rename keeps that, so every image,
+LoRA and config written this way would be hidden from the group and from other users (a shared model folder, a
+ComfyUI or web UI running as another user) where an ordinary `open(path, "w")` gives 0644 under the usual umask.
+`temp_file` gives the temporary file the permissions an ordinary new file would get.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def new_file_mode() -> int:
+    """0666 less the umask: what `open(path, "w")` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temp_file(folder: Path | str, prefix: str = ".tmp-", suffix: str = "") -> tuple[int, str]:
+    """`tempfile.mkstemp` in `folder`, with the mode of an ordinary new file (0666 less the umask)."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, new_file_mode())
+    except (AttributeError, OSError):  # no fchmod (Windows) or a filesystem without modes: keep mkstemp's
+        pass
+    return fd, tmp
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file(path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
