@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=300, help="distillation steps per method")
     ap.add_argument("--student-steps", type=int, default=4)
+    ap.add_argument("--naive-steps", default=None, help="step counts of the naive rows, e.g. 4,8 (default: "
+                    "--student-steps)")
     ap.add_argument("--n", type=int, default=16, help="eval prompts per kind and language")
     ap.add_argument("--kinds", default="single,pair,count", help="scene kinds to score (comma-separated)")
     ap.add_argument("--threads", type=int, default=2)
@@ -64,9 +66,9 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    rows = [("teacher (preset base: its 20 steps with CFG)", [], dict(preset="base")),
-            (f"teacher, naive {args.student_steps} steps, CFG 1, shift 3", [],
-             dict(preset="lightning", steps=args.student_steps))]
+    naive = [int(k) for k in (args.naive_steps or str(args.student_steps)).split(",")]
+    rows = [("teacher (preset base: its 20 steps with CFG)", [], dict(preset="base"))]
+    rows += [(f"teacher, naive {k} steps, CFG 1, shift 3", [], dict(preset="lightning", steps=k)) for k in naive]
     for method in [m for m in args.methods.split(",") if m and m != "none"]:
         t = time.time()
         path = train_distill(DistillConfig(out=str(out / method), method=method, steps=args.steps,
