@@ -40,7 +40,11 @@ def loose_variety(gen, settings: dict, prompt: str = "a circle", seeds: int = 64
 
     s = gen.settings(**{k: v for k, v in settings.items() if k in ("preset", "steps")})
     images = gen.run([Job(prompt, i) for i in range(seeds)], s)
+    from lightbooth.data.shapes import COLORS
+
+    # main_colour also knows the subject's teal, which is not one of the 8 object colours
     read = [(main_colour(im), centroid_cell(im)) for im in images]
+    read = [(c if c in COLORS else None, k) for c, k in read]
     return (len({c for c, _ in read} - {None}), len({k for _, k in read} - {None}),
             len({r for r in read if None not in r}))
 
@@ -58,7 +62,8 @@ def main() -> int:
     ap.add_argument("--naive-steps", default=None, help="step counts of the naive rows, e.g. 4,8 (default: "
                     "--student-steps)")
     ap.add_argument("--n", type=int, default=16, help="eval prompts per kind and language")
-    ap.add_argument("--kinds", default="single,pair,count", help="scene kinds to score (comma-separated)")
+    ap.add_argument("--kinds", default="single,pair,count", help="scene kinds to score (comma-separated; empty: "
+                    "only variety and times)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="trajectory,dmd", help="methods to train (none: only --lora rows)")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
@@ -87,7 +92,7 @@ def main() -> int:
             gen._cache.clear()
             gen(["a large red circle in the center, white background"], seed=0, num_images=b, **settings)
         t1, t8 = time_call(lambda: call(1), 5), time_call(lambda: call(8), 5)
-        rep = evaluate(gen, n=args.n, kinds=args.kinds.split(","),
+        rep = evaluate(gen, n=args.n, kinds=[k for k in args.kinds.split(",") if k],
                        **{k: v for k, v in settings.items() if k in ("preset", "steps")})
         print(f"## {name}: batch 1 {t1:.3f} s, batch 8 {t8:.3f} s")
         print("\n".join(rep.lines()), flush=True)

@@ -1,9 +1,15 @@
 """Shared fixtures: tiny random models of both real architectures, written once per session as diffusers folders."""
 
+import importlib
 import os
 
 import pytest
 import torch
+
+# diffusers and transformers bind their log handlers to the sys.stderr of their first import: imported here, not
+# first inside a capsys test, whose stream is closed afterwards and would break every later test's log output
+for _lib in ("diffusers", "transformers"):
+    importlib.import_module(_lib)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The built-in model ships in the package, loads offline with lightbooth and with stock diffusers."""
 
 import json
+import math
 
 import numpy as np
 import torch
@@ -37,5 +38,38 @@ def test_stock_diffusers_runs_the_builtin_model():
     pipe.set_progress_bar_config(disable=True)
     ref = pipe("a blue square", negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=4, height=64,
                width=64, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
-    ours = Generator.load(device="cpu")("a blue square", negative_prompt=" ", guidance=4.0, steps=4, seed=3)[0]
+    ours = Generator.load(device="cpu", preset="base")("a blue square", negative_prompt=" ", guidance=4.0, steps=4,
+                                                       seed=3)[0]
     assert np.abs(np.asarray(ours).astype(int) - np.round(ref * 255)).max() <= 1
+
+
+def test_the_builtin_default_is_a_shipped_4_step_lora_that_stock_diffusers_runs_too():
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    from lightbooth import Generator
+
+    path = builtin_model_path()
+    settings = json.loads((path / "lightbooth.json").read_text())
+    preset = settings["presets"][settings["default_preset"]]
+    assert (preset["steps"], preset["guidance"], preset["shift"]) == (4, 1.0, 3.0)
+    assert {p["steps"] for p in settings["presets"].values() if p.get("lora")} == {4, 8}
+    pipe = QwenImagePipeline.from_pretrained(path)
+    # the released Lightning LoRAs' scheduler: shift 3 as exponential shifting with mu = log(3)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, base_shift=math.log(3), max_shift=math.log(3), shift=1.0, shift_terminal=None,
+        time_shift_type="exponential", use_dynamic_shifting=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def stock():
+        return np.round(pipe("a blue square", true_cfg_scale=1.0, num_inference_steps=4, height=64, width=64,
+                             generator=torch.Generator().manual_seed(3), output_type="np").images[0] * 255)
+
+    plain = stock()
+    pipe.load_lora_weights(str(path / preset["lora"]))
+    pipe.fuse_lora()
+    ref = stock()
+    gen = Generator.load(device="cpu")
+    assert gen.settings().preset.steps == 4
+    ours = np.asarray(gen("a blue square", seed=3)[0]).astype(int)
+    assert np.abs(ours - ref).max() <= 2
+    assert np.abs(ours - plain).max() > 10  # the LoRA did change the drawing

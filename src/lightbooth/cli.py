@@ -30,7 +30,8 @@ def generate(
     out: Path = typer.Option(..., "--out", help="Folder for the PNGs; existing files are never overwritten."),
     model: Optional[str] = typer.Option(None, help="Diffusers folder or cached hub id (default: built-in model)."),
     lora: List[str] = typer.Option([], "--lora", help="LoRA file, optionally PATH:SCALE; repeat for several."),
-    preset: Optional[str] = typer.Option(None, help="Sampling preset: base, lightning, lightning-4 (per family)."),
+    preset: Optional[str] = typer.Option(None, help="Sampling preset: base, lightning, lightning-4; built-in "
+                                         "model: 4step (default), 8step, base."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the preset's)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale; 1 disables the unconditional pass."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for CFG."),
