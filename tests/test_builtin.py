@@ -73,3 +73,33 @@ def test_the_builtin_default_is_a_shipped_4_step_lora_that_stock_diffusers_runs_
     ours = np.asarray(gen("a blue square", seed=3)[0]).astype(int)
     assert np.abs(ours - ref).max() <= 2
     assert np.abs(ours - plain).max() > 10  # the LoRA did change the drawing
+
+
+def test_a_dreambooth_lora_stacks_on_the_default_4_step_preset(tmp_path):
+    """Personalize, then go fast, on the built-in model: a LoRA without a schedule keeps the 4-step preset, and the
+    fused weights are the base plus both LoRAs' deltas."""
+    from lightbooth import Generator
+    from lightbooth.data import shapes
+    from lightbooth.training.dreambooth import DreamBoothConfig, train_dreambooth
+
+    inst = tmp_path / "subject"
+    inst.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        shapes.render_subject(rng=rng).save(inst / f"{i}.png")
+    lora = str(train_dreambooth(DreamBoothConfig(instance_dir=str(inst), class_noun="star", out=str(tmp_path / "db"),
+                                                 steps=2, lr=1e-2, rank=2, prior=False, validation_prompt=[],
+                                                 logger="none")))
+
+    def weights(**kw):
+        gen = Generator.load(device="cpu", **kw)
+        return gen, {n: p.detach().clone() for n, p in gen.family.denoiser.named_parameters()}
+
+    fast, both = weights(), weights(loras=[lora])[1]
+    assert (fast[0].settings().preset_name, fast[0].settings().preset.steps) == ("4step", 4)
+    base, personal = weights(preset="base")[1], weights(preset="base", loras=[lora])[1]
+    fast = fast[1]
+    moved = [n for n in base if not torch.equal(personal[n], base[n])]
+    assert moved and any(not torch.equal(fast[n], base[n]) for n in moved)
+    for n in base:
+        assert torch.allclose(both[n] - fast[n], personal[n] - base[n], atol=1e-6), n
