@@ -15,8 +15,12 @@ from pathlib import Path
 
 def new_file_mode() -> int:
     """0666 less the umask: what `open(path, "w")` would give."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux says it without changing it (os.umask sets the whole process's, racing other threads' creates)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
@@ -31,6 +35,7 @@ def temp_file(folder: Path | str, prefix: str = ".tmp-", suffix: str = "") -> tu
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path`: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file(path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
