@@ -103,3 +103,12 @@ def test_a_dreambooth_lora_stacks_on_the_default_4_step_preset(tmp_path):
     assert moved and any(not torch.equal(fast[n], base[n]) for n in moved)
     for n in base:
         assert torch.allclose(both[n] - fast[n], personal[n] - base[n], atol=1e-6), n
+
+
+def test_a_lora_distilled_from_the_builtin_model_names_it_not_its_install_folder(tmp_path):
+    from lightbooth.safeload import validate_safetensors
+    from lightbooth.training.distill.run import DistillConfig, train_distill
+
+    path = train_distill(DistillConfig(out=str(tmp_path / "run"), method="trajectory", steps=1, batch_size=1, rank=2,
+                                       teacher_steps=2, student_steps=1, logger="none"))
+    assert json.loads(validate_safetensors(path)["lightbooth_distill"])["teacher"] == "built-in"

@@ -124,7 +124,8 @@ def test_distill_writes_a_lightning_format_lora_that_generate_and_diffusers_load
     meta = validate_safetensors(path)
     assert json.loads(meta["lightbooth_preset"]) == {"steps": 2, "guidance": 1.0, "sampler": "flow_euler",
                                                      "shift": 3.0}
-    assert json.loads(meta["lightbooth_distill"])["method"] == method
+    provenance = json.loads(meta["lightbooth_distill"])
+    assert provenance["method"] == method and provenance["teacher"] == str(qwen_dir)
     gen = Generator.load(qwen_dir, loras=[path], device="cpu")  # a Path works as well as a string
     s = gen.settings()
     assert (s.preset_name, s.preset.steps, s.preset.guidance, s.preset.shift) == ("lora", 2, 1.0, 3.0)
