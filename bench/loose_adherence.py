@@ -122,7 +122,8 @@ def main() -> int:
         label = base_label + ("" if g is None else f" CFG {g:g}")
         for lang, r in res.items():
             print(f"{label} | {lang} | background {r['background']:.0%} | main colour {r['colour']:.0%} | "
-                  f"cell {r['cell']:.0%} | best-fitting shape {r['shape']:.0%} | size {r['size']:.0%} | strict {r['strict']:.0%}")
+                  f"cell {r['cell']:.0%} | best-fitting shape {r['shape']:.0%} | size {r['size']:.0%} | "
+                  f"strict {r['strict']:.0%}")
         if args.confusion:
             print("\n".join(confusion_lines(confusion)))
     return 0

@@ -170,9 +170,9 @@ def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> 
         "lightbooth_preset": json.dumps({k: v for k, v in dataclasses.asdict(student_preset(cfg)).items()
                                          if k != "lora"}),
         "lightbooth_distill": json.dumps({
+            "method": cfg.method, "states": cfg.states,
             # the built-in model by name: its folder is wherever this package happens to be installed
-            "method": cfg.method, "states": cfg.states, "teacher": "built-in" if cfg.model is None else str(model_path),
-            "teacher_loras": cfg.loras,
+            "teacher": "built-in" if cfg.model is None else str(model_path), "teacher_loras": cfg.loras,
             "teacher_preset": dataclasses.asdict(teacher.preset), "steps": cfg.steps, "seed": cfg.seed}),
     }
     path = run / "lora.safetensors"
