@@ -79,6 +79,7 @@ class Ctx:
         self.qwen_cases = args.qwen_cases.split(",")
         self.profile = args.profile
         self.qwen_trainer_only = args.qwen_trainer_only
+        self.memory_trace = args.memory_trace
         self.compile = args.compile == "yes" or (args.compile == "auto" and self.dev.type == "cuda")
         self.ceiling = None
         self.sd_comps = self.sd_pipe = self.sd_ours = self.qwen = self.qwen_train_ref = self.qwen_side = None
@@ -161,7 +162,12 @@ def markdown(r: dict) -> str:
                                        not k.startswith("train") and "_forward_" not in k), ""]
         for k in ("train_stock", "train_bf16", "train_fp8", "train_fp8_compiled", "trainer_fp8"):
             if k in q:
-                lines += [f"{k}: " + ", ".join(f"{a} {fmt(b)}" for a, b in q[k].items()), ""]
+                lines += [f"{k}: " + ", ".join(f"{a} {fmt(b)}" for a, b in q[k].items() if a != "memory_trace"), ""]
+            trace = q.get(k, {}).get("memory_trace")
+            if trace:
+                lines += [f"{k} live at the peak ({fmt(trace['peak_above_start_gib'])} GiB above the step's start):"]
+                lines += [f"  {row['gib']:8.3f} GiB {row['count']:5d}x {row['where']}" for row in trace["live_at_peak"]]
+                lines.append("")
     for k, v in r.items():
         if isinstance(v, dict) and "error" in v:
             lines += [f"{k}: FAILED {v['error']}", ""]
@@ -180,6 +186,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qwen-cases", default="lightning,base", help="lightning (8 steps) and/or base (50, CFG 4)")
     ap.add_argument("--qwen-trainer-only", action="store_true",
                     help="qwen: only the stock LoRA step and `lightbooth dreambooth`'s own (skips generation)")
+    ap.add_argument("--memory-trace", action="store_true",
+                    help="qwen training rows: what is live at one step's peak memory, by the code that made it")
     ap.add_argument("--budget", type=float, default=480, help="seconds; later sections are skipped past it")
     args = ap.parse_args(argv)
     ctx = Ctx(args)

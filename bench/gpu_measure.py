@@ -49,6 +49,65 @@ def peak_memory(fn, dev: torch.device) -> tuple[float, float]:
     return before / GiB, torch.cuda.max_memory_allocated() / GiB
 
 
+def trace_start(dev: torch.device) -> None:
+    """Record every CUDA allocation with its Python stack, for `trace_peak` (nothing off CUDA)."""
+    if dev.type == "cuda":
+        torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+
+
+# frames of these files name where an allocation was made (the innermost one of them wins)
+_OURS = ("lightbooth", "diffusers", "peft", "lightning", "torchinductor", "bench/gpu", "torch/utils/checkpoint",
+         "torch/optim", "torch/autograd")
+
+
+def trace_peak(dev: torch.device, top: int = 14) -> dict | None:
+    """Stop recording and replay the trace: at the moment of the highest allocation since `trace_start`, what
+    was live, summed by the innermost frame of our or a library's code that made it (GiB, count). Allocations
+    with no Python frame come from the autograd engine's thread (eager backward)."""
+    if dev.type != "cuda":
+        return None
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = snap["device_traces"][torch.cuda.current_device()]
+    return live_at_peak(events, top)
+
+
+def live_at_peak(events: list[dict], top: int = 14) -> dict:
+    """`trace_peak`'s replay of allocator events (dicts with action, addr, size, frames)."""
+    live, cur, peak, at = {}, 0, 0, -1
+    for i, ev in enumerate(events):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev["size"]
+            cur += ev["size"]
+        elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])
+        if cur > peak:
+            peak, at = cur, i
+    live = {}
+    for ev in events[:at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+        elif ev["action"] in ("free_requested", "free_completed"):
+            live.pop(ev["addr"], None)
+    groups: dict[str, list] = {}
+    for ev in live.values():
+        frames = ev.get("frames") or []
+        mine = next((f for f in frames if any(s in f["filename"] for s in _OURS)), None)
+        key = "(no Python frame: autograd engine)" if not frames else \
+            f"{_short(mine or frames[0])} <- {_short(frames[0])}" if mine is not frames[0] else _short(mine)
+        g = groups.setdefault(key, [0, 0])
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"events": len(events), "peak_above_start_gib": peak / GiB,
+            "live_at_peak": [{"where": k, "gib": round(v[0] / GiB, 4), "count": v[1]} for k, v in rows]}
+
+
+def _short(frame: dict) -> str:
+    parts = frame["filename"].split("/")
+    return f"{'/'.join(parts[-2:])}:{frame['line']} {frame['name']}"
+
+
 def flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 
 import torch
-from gpu_measure import GiB, ROOT, build, flops, free, peak_memory, profile, rel_err, sync, timed
+from gpu_measure import GiB, ROOT, build, flops, free, peak_memory, profile, rel_err, sync, timed, trace_peak, trace_start
 from gpu_trainer import trainer_steps
 
 from lightbooth.families.base import Cond, Preset
@@ -139,6 +139,12 @@ def qwen(ctx) -> dict:
     fam = QwenImageFamily(comps, ROOT, dev, torch.bfloat16)
     ctx.qwen = (comps, fam, pe, pm, x, px)
     if ctx.qwen_trainer_only:  # the stock LoRA step, then straight to the trainer's (it converts to fp8 itself)
+        if ctx.memory_trace:  # and the bench loop with the trainer's settings, to compare what each keeps at its peak
+            fam.use_fast_paths(fp8=True)
+            if ctx.compile:
+                fam.use_fast_paths(compile=True)
+            qwen_train(ctx, res, "fp8_compiled" if ctx.compile else "fp8", mask=None)
+            uncompile(tr)
         qwen_trainer(ctx, res, fam, pe, px)
         return res
     cudnn = {"on": False}
@@ -283,6 +289,10 @@ def qwen_train(ctx, res: dict, label: str, mask) -> None:
         opt.zero_grad(set_to_none=True)
         loss = None
     out["mem_before_gib"], out["peak_gib"] = peak_memory(step, dev)
+    if ctx.memory_trace and dev.type == "cuda":  # what is live at the step's peak, by where it was made
+        trace_start(dev)
+        step()
+        out["memory_trace"] = trace_peak(dev)
     if label != "stock" and "train_stock" in res:
         out["vs_stock"] = out["step_s"] / res["train_stock"]["step_s"]
     res[key] = out

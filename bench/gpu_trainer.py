@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_measure import GiB, free, rel_err, sync
+from gpu_measure import GiB, free, rel_err, sync, trace_peak, trace_start
 
 
 def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
@@ -43,6 +43,8 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
             if batch_idx == 2 and dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 peak["before_gib"] = torch.cuda.memory_allocated() / GiB
+                if ctx.memory_trace:
+                    trace_start(dev)
             self.t0 = time.perf_counter()
 
         def on_before_backward(self, trainer, pl_module, loss):  # where the peak happens: forward or backward
@@ -57,6 +59,8 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             sync(dev)
             times.append(time.perf_counter() - self.t0)
+            if batch_idx == 2 and ctx.memory_trace:
+                peak["trace"] = trace_peak(dev)
             if dev.type == "cuda":  # training alone; the run's peak below includes the final validation image
                 peak["train_gib"] = torch.cuda.max_memory_allocated() / GiB
 
@@ -76,6 +80,8 @@ def trainer_steps(ctx, family, cond, px: int, steps: int, **settings) -> dict:
         out["mem_before_gib"], out["train_peak_gib"] = peak.get("before_gib"), peak.get("train_gib")
         out["run_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         out.update({k: v for k, v in peak.items() if k.endswith("ward_gib") or k.endswith("ward_peak_gib")})
+        if peak.get("trace"):
+            out["memory_trace"] = peak["trace"]
     free(dev)
     return out
 
