@@ -112,6 +112,9 @@ class Fp8Linear(nn.Linear):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # answer in autocast's dtype, as nn.Linear does: a float32 answer here
+            x = x.to(torch.get_autocast_dtype(dev))  # turns everything downstream float32 (twice the activations)
         return _Fp8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.mode)
 
     def dequantized(self) -> torch.Tensor:
