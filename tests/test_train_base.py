@@ -153,6 +153,7 @@ def test_anchor_phase_is_single_scenes_captioned_in_full_with_one_template_then_
     assert all(torch.equal(x, pack(latents[i:i + 1])[0]) for i, (x, _) in enumerate(items))  # all kinds again
     full = [{shapes.full_caption(scene_at(3, i), lang, 0) for lang in ("en", "zh")} for i in range(60)]
     assert sum(t not in f for (_, t), f in zip(items, full)) > 30  # other templates, attributes left out
+    assert all(captions.scene(i) == scene_at(3, i) for i in range(60))  # the kept scenes are the recomputed ones
 
 
 def test_a_uniform_share_of_noise_levels_reaches_the_low_noise_end():

@@ -209,7 +209,16 @@ class LatentCaptions(torch.utils.data.Dataset):
     def __init__(self, latents: torch.Tensor, seed: int, dropout: float, anchor_steps: int = 0):
         self.latents, self.seed, self.dropout, self.draws = latents, seed, dropout, 0
         self.anchor_steps, self.step = anchor_steps, 0
-        self.singles = [i for i in range(len(latents)) if scene_at(seed, i).kind == "single"] if anchor_steps else []
+        # scenes are kept once drawn: redrawing one (placement retries) was 80% of an item's time, ~60 ms of data per
+        # batch of 32, which bounds a GPU's steps and costs ~10% of a CPU step
+        self._scenes: dict[int, shapes.Scene] = {}
+        self.singles = [i for i in range(len(latents)) if self.scene(i).kind == "single"] if anchor_steps else []
+
+    def scene(self, i: int) -> shapes.Scene:
+        """`scene_at(seed, i)`, drawn once."""
+        if i not in self._scenes:
+            self._scenes[i] = scene_at(self.seed, i)
+        return self._scenes[i]
 
     def __len__(self):
         return len(self.latents)
@@ -224,9 +233,9 @@ class LatentCaptions(torch.utils.data.Dataset):
         if rng.random() < self.dropout:
             text = ""
         elif anchor:
-            text = shapes.full_caption(scene_at(self.seed, i), lang, 0)
+            text = shapes.full_caption(self.scene(i), lang, 0)
         else:
-            text = shapes.caption(scene_at(self.seed, i), lang, rng)
+            text = shapes.caption(self.scene(i), lang, rng)
         return pack(self.latents[i:i + 1])[0], text
 
 
