@@ -7,7 +7,8 @@ import time
 from dataclasses import replace
 
 import torch
-from gpu_measure import GiB, ROOT, build, flops, free, peak_memory, profile, rel_err, sync, timed, trace_peak, trace_start
+from gpu_measure import (GiB, ROOT, build, flops, free, peak_memory, profile, rel_err, sync, timed, trace_peak,
+                         trace_start)
 from gpu_trainer import trainer_steps
 
 from lightbooth.families.base import Cond, Preset
