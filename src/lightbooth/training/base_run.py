@@ -94,7 +94,7 @@ class FlowModule(L.LightningModule):
     def training_step(self, batch, _):
         x0, texts = batch  # (B, N, 4z) packed latents, list of captions
         noise = torch.randn_like(x0)
-        sigma = mixed_sigmas(x0.shape[0], self.cfg.train_shift, self.cfg.train_uniform).to(x0)
+        sigma = self.sigmas(x0.shape[0]).to(x0)
         cond = prompt_embeds(self.tokenizer, self.net["text_encoder"], texts, self.prefix, x0.device)
         v = self.net["transformer"](hidden_states=flow_noisy(x0, noise, sigma), timestep=sigma,
                                     encoder_hidden_states=cond.embeds, encoder_hidden_states_mask=cond.mask,
@@ -102,6 +102,10 @@ class FlowModule(L.LightningModule):
         loss = flow_matching_loss(v, x0, noise)
         self.log("loss", loss, prog_bar=True)
         return loss
+
+    def sigmas(self, n: int) -> torch.Tensor:
+        """The batch's training noise levels (the recipe's; bench/flow_finetune.py draws others)."""
+        return mixed_sigmas(n, self.cfg.train_shift, self.cfg.train_uniform)
 
     def on_train_start(self):
         if self.captions is not None:  # after a resume, before the first batch is fetched
