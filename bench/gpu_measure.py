@@ -93,8 +93,12 @@ def live_at_peak(events: list[dict], top: int = 14) -> dict:
     for ev in live.values():
         frames = ev.get("frames") or []
         mine = next((f for f in frames if any(s in f["filename"] for s in _OURS)), None)
-        key = "(no Python frame: autograd engine)" if not frames else \
-            f"{_short(mine or frames[0])} <- {_short(frames[0])}" if mine is not frames[0] else _short(mine)
+        if not frames:
+            key = "(no Python frame: autograd engine)"
+        elif mine is None or mine is frames[0]:
+            key = _short(frames[0])
+        else:  # our call, then the library function that allocated
+            key = f"{_short(mine)} <- {_short(frames[0])}"
         g = groups.setdefault(key, [0, 0])
         g[0] += ev["size"]
         g[1] += 1

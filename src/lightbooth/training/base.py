@@ -209,8 +209,8 @@ class LatentCaptions(torch.utils.data.Dataset):
     def __init__(self, latents: torch.Tensor, seed: int, dropout: float, anchor_steps: int = 0):
         self.latents, self.seed, self.dropout, self.draws = latents, seed, dropout, 0
         self.anchor_steps, self.step = anchor_steps, 0
-        # scenes are kept once drawn: redrawing one (placement retries) was 80% of an item's time, ~60 ms of data per
-        # batch of 32, which bounds a GPU's steps and costs ~10% of a CPU step
+        # scenes are kept once drawn: redrawing one (placement retries) was 80% of an item's time, ~60 ms per batch of
+        # 32 on a 2-core CPU, about a tenth of a one-thread CPU step and a large share of a GPU one
         self._scenes: dict[int, shapes.Scene] = {}
         self.singles = [i for i in range(len(latents)) if self.scene(i).kind == "single"] if anchor_steps else []
 
