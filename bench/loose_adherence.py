@@ -1,7 +1,7 @@
 """A lenient reading of prompt adherence, for models whose objects are blobs the strict detector rejects.
 
     python bench/loose_adherence.py [--model DIR] [--lora PATH] [--preset P] [--n 32] [--guidance 2,4] [--template K]
-                                    [--confusion]
+                                    [--steps N] [--shift S] [--confusion]
 
 On the single-object prompts of `lightbooth eval` (same scenes, captions and seeds), per language: the share of
 images whose background is the asked one, whose main foreground colour (most pixels nearest to it among the
@@ -58,10 +58,13 @@ def best_fit(image, color: str) -> tuple[str, str] | tuple[None, None]:
     return max(fits)[1:]
 
 
-def scores(gen, n: int, preset: str | None, template: int | None = None,
+def scores(gen, n: int, preset: str | None, template: int | None = None, shift: float | None = None,
            **overrides) -> tuple[dict[str, dict[str, float]], Counter]:
     """Per language, the share of images right on each reading (and strictly); plus (asked shape, best-fitting
-    shape) counts over both languages. `template` fixes the caption template (default: the eval's rotation)."""
+    shape) counts over both languages. `template` fixes the caption template (default: the eval's rotation);
+    `shift` replaces the preset's flow shift."""
+    from dataclasses import replace
+
     from lightbooth.data import shapes
     from lightbooth.eval.detector import check, detect
     from lightbooth.eval.quality import prompt_set
@@ -69,6 +72,8 @@ def scores(gen, n: int, preset: str | None, template: int | None = None,
 
     scenes = prompt_set("single", n)
     s = gen.settings(preset=preset, **overrides)
+    if shift is not None:
+        s = replace(s, preset=replace(s.preset, shift=shift))
     out, confusion = {}, Counter()
     for lang in ("en", "zh"):
         jobs = [Job(shapes.full_caption(sc, lang, template=i % shapes.N_TEMPLATES if template is None else template), i)
@@ -111,14 +116,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--guidance", default="", help="comma-separated CFG scales to compare (default: the preset's)")
     ap.add_argument("--template", type=int, default=None, help="caption template for every prompt (default: rotate)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    ap.add_argument("--shift", type=float, default=None, help="a fixed flow shift (default: the preset's schedule)")
     ap.add_argument("--confusion", action="store_true", help="also print asked shape against best-fitting shape")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = Generator.load(args.model, loras=args.lora, device="cpu", preset=args.preset)
     preset = gen.settings(preset=args.preset).preset_name
     base_label = f"{args.model or 'built-in'} {' '.join(args.lora)} preset {preset}"
+    base_label += "".join(f" {k} {v:g}" for k, v in (("steps", args.steps), ("shift", args.shift)) if v is not None)
     for g in [float(x) for x in args.guidance.split(",") if x] or [None]:
-        res, confusion = scores(gen, args.n, args.preset, args.template, **({} if g is None else {"guidance": g}))
+        res, confusion = scores(gen, args.n, args.preset, args.template, args.shift, steps=args.steps,
+                                **({} if g is None else {"guidance": g}))
         label = base_label + ("" if g is None else f" CFG {g:g}")
         for lang, r in res.items():
             print(f"{label} | {lang} | background {r['background']:.0%} | main colour {r['colour']:.0%} | "
