@@ -9,7 +9,9 @@ in varied cells and backgrounds and `--n` of plain "a star", and score them with
 The base model without a LoRA is scored too, as the reference for leakage and diversity.
 
     python bench/dreambooth_subject.py --out runs/bench-dreambooth [--steps 400] [--lr 1e-4] [--rank 4] [--full]
-        [--images 5] [--n 64]
+        [--images 5] [--n 64] [--model DIR]
+
+`--model` scores another qwen-image model folder (a candidate built-in model, before it is shipped).
 """
 
 from __future__ import annotations
@@ -109,15 +111,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="a qwen-image model folder (default: the built-in model)")
     ap.add_argument("--preset", default="base", help="sampling preset the images are made with (base: the teacher; "
                     "the built-in model's default 4-step preset stacks the DreamBooth LoRA on its distilled one)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     instance_images(args.out / "instance", args.images, args.seed)
-    rows = {"base model": score(Generator.load(device="cpu", preset=args.preset), "qzx", args.n)}
+    rows = {"base model": score(Generator.load(args.model, device="cpu", preset=args.preset), "qzx", args.n)}
     for prior in (True, False):
         name = "with prior" if prior else "without prior"
-        cfg = DreamBoothConfig(instance_dir=str(args.out / "instance"), class_noun="star",
+        cfg = DreamBoothConfig(instance_dir=str(args.out / "instance"), class_noun="star", model=args.model,
                                out=str(args.out / ("prior" if prior else "no-prior")), steps=args.steps, lr=args.lr,
                                rank=args.rank, full=args.full, prior=prior, validation_prompt=[], logger="none",
                                seed=args.seed)
@@ -125,7 +128,7 @@ def main() -> None:
         result = train_dreambooth(cfg, overwrite=True)
         seconds = time.time() - t0
         gen = Generator.load(result, device="cpu", preset=args.preset) if args.full else \
-            Generator.load(device="cpu", loras=[str(result)], preset=args.preset)
+            Generator.load(args.model, device="cpu", loras=[str(result)], preset=args.preset)
         rows[name] = {**score(gen, cfg.token, args.n), "train_s": seconds}
     what = "full fine-tune" if args.full else f"LoRA rank {args.rank}"
     print(f"\nSubject A, {args.images} instance images, {args.steps} steps, lr {args.lr}, {what}, "
