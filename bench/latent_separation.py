@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lightbooth.data import shapes  # noqa: E402
+from lightbooth.training import base as B  # noqa: E402
 
 PAIRS = (("shape", "star", "diamond"), ("shape", "cross", "circle"), ("shape", "cross", "square"),
          ("shape", "circle", "square"), ("shape", "triangle", "diamond"), ("color", "red", "orange"))
@@ -45,16 +46,12 @@ def scene_pairs(pair, n: int, seed: int):
 
 
 def pixels(scenes) -> torch.Tensor:
-    arr = np.stack([np.asarray(shapes.render(sc), dtype=np.float32) for sc in scenes])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+    return B.to_tensor([shapes.render(sc) for sc in scenes])
 
 
 @torch.no_grad()
 def latents(vae, scenes) -> torch.Tensor:
-    z = vae.encode(pixels(scenes)[:, :, None]).latent_dist.mean[:, :, 0]
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-    return (z - mean) / std
+    return B.normalize_latents(vae, vae.encode(pixels(scenes)[:, :, None]).latent_dist.mean[:, :, 0])
 
 
 def separation(encode, pair, n: int, seed: int) -> tuple[float, float]:

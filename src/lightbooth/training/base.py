@@ -163,11 +163,14 @@ def encode_scenes(vae, seed: int, start: int, n: int, normalize: bool = True, ba
         z = vae.encode(to_tensor(images)[:, :, None]).latent_dist.mean[:, :, 0]
         out.append(z)
     z = torch.cat(out)
-    if normalize:
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
-        z = (z - mean) / std
-    return z
+    return normalize_latents(vae, z) if normalize else z
+
+
+def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """Posterior means (B, z, h, w) in the pipeline's units: (z - latents_mean) / latents_std per channel."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    return (z - mean) / std
 
 
 # --- stage 3: text encoder and transformer -----------------------------------------------------------------------
