@@ -1,6 +1,8 @@
 """Distillation on the built-in model: teacher, naive few-step teacher, and distilled students, side by side.
 
-    python bench/distill_builtin.py --out /tmp/distill-bench --steps 300 --n 16
+    python bench/distill_builtin.py --out /tmp/distill-bench --steps 300 --n 16 [--model DIR]
+
+`--model` scores (and distills) another qwen-image model folder: a candidate built-in model, before it is shipped.
 
 Trains a 4-step student with each method (`lightbooth distill`, defaults except --steps), then scores every row
 with the same prompts, seeds and detector as `lightbooth eval` (strict accuracy per scene kind and language,
@@ -65,9 +67,11 @@ def main() -> int:
     ap.add_argument("--kinds", default="single,pair,count", help="scene kinds to score (comma-separated; empty: "
                     "only variety and times)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None, help="a qwen-image model folder (default: the built-in model)")
     ap.add_argument("--methods", default="trajectory,dmd", help="methods to train (none: only --lora rows)")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                    help="also score an already trained student LoRA (its own schedule), e.g. dmd-8=runs/d8/lora.safetensors")
+                    help="also score an already trained student LoRA (its own schedule), "
+                    "e.g. dmd-8=runs/d8/lora.safetensors")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -76,7 +80,7 @@ def main() -> int:
     rows += [(f"teacher, naive {k} steps, CFG 1, shift 3", [], dict(preset="lightning", steps=k)) for k in naive]
     for method in [m for m in args.methods.split(",") if m and m != "none"]:
         t = time.time()
-        path = train_distill(DistillConfig(out=str(out / method), method=method, steps=args.steps,
+        path = train_distill(DistillConfig(out=str(out / method), model=args.model, method=method, steps=args.steps,
                                            student_steps=args.student_steps, logger="none", threads=args.threads),
                              overwrite=True)
         rows.append((f"{method}, {args.student_steps} steps ({args.steps} training steps, {time.time() - t:.0f} s)",
@@ -86,7 +90,7 @@ def main() -> int:
         rows.append((name, [path], {}))
     teacher = None
     for name, loras, settings in rows:
-        gen = Generator.load(None, loras=loras, device="cpu", preset=settings.get("preset"))
+        gen = Generator.load(args.model, loras=loras, device="cpu", preset=settings.get("preset"))
 
         def call(b):
             gen._cache.clear()
