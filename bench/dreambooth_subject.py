@@ -9,7 +9,7 @@ in varied cells and backgrounds and `--n` of plain "a star", and score them with
 The base model without a LoRA is scored too, as the reference for leakage and diversity.
 
     python bench/dreambooth_subject.py --out runs/bench-dreambooth [--steps 400] [--lr 1e-4] [--rank 4] [--full]
-        [--images 5] [--n 64] [--model DIR]
+        [--images 5] [--n 64] [--model DIR] [--threads 0]
 
 `--model` scores another qwen-image model folder (a candidate built-in model, before it is shipped).
 """
@@ -114,8 +114,10 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a qwen-image model folder (default: the built-in model)")
     ap.add_argument("--preset", default="base", help="sampling preset the images are made with (base: the teacher; "
                     "the built-in model's default 4-step preset stacks the DreamBooth LoRA on its distilled one)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for training and scoring; 0: all cores")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     instance_images(args.out / "instance", args.images, args.seed)
     rows = {"base model": score(Generator.load(args.model, device="cpu", preset=args.preset), "qzx", args.n)}
     for prior in (True, False):
@@ -123,7 +125,7 @@ def main() -> None:
         cfg = DreamBoothConfig(instance_dir=str(args.out / "instance"), class_noun="star", model=args.model,
                                out=str(args.out / ("prior" if prior else "no-prior")), steps=args.steps, lr=args.lr,
                                rank=args.rank, full=args.full, prior=prior, validation_prompt=[], logger="none",
-                               seed=args.seed)
+                               seed=args.seed, threads=args.threads)
         t0 = time.time()
         result = train_dreambooth(cfg, overwrite=True)
         seconds = time.time() - t0
