@@ -1,11 +1,13 @@
 """How much of the shapes world survives a VAE round trip, read by the same detector `lightbooth eval` uses.
 
-    python bench/vae_recon.py --vae src/lightbooth/builtin/model/vae --n 96 [--noise 0.1,0.2,0.3]
+    python bench/vae_recon.py --vae src/lightbooth/builtin/model/vae --n 96 [--noise 0.1,0.2,0.3] [--subject]
 
 A generated image can only pass the strict check if the VAE can draw it, so the share of reconstructions that
 pass is a ceiling on the built-in model's prompt accuracy. Scenes are drawn from the world's own sampler (all
 three kinds), each rendered, encoded (posterior mean), decoded, and checked against everything it contains.
-The originals are checked too (they must all pass: a detector sanity line).
+The originals are checked too (they must all pass: a detector sanity line). `--subject` round-trips `--n`
+instance images of WORLD.md's Subject A (the yellow/teal checker star, in random cells and backgrounds) too, at
+every `--noise` level: the ceiling on DreamBooth's subject fidelity on a model with this VAE.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=4321)
     ap.add_argument("--noise", default="", help="comma-separated latent noise levels: pass rates of the single "
                     "scenes decoded from noisy latents (how forgiving the decoder is)")
+    ap.add_argument("--subject", action="store_true", help="round-trip Subject A's instance images too")
     args = ap.parse_args(argv)
     from diffusers import AutoencoderKLQwenImage
 
@@ -74,6 +77,15 @@ def main(argv=None) -> int:
         recs = round_trip(vae, [shapes.render(s) for s in singles], level)
         ok = sum(detector.check(s, detector.detect(r)) for s, r in zip(singles, recs))
         print(f"  single scenes, latent noise std {level:g}: {ok}/{args.n} pass")
+    if args.subject:
+        rng = np.random.default_rng(args.seed + 2)
+        subjects = [shapes.subject_scene(rng) for _ in range(args.n)]
+        images = [shapes.render(s) for s in subjects]
+        for level in [0.0] + [float(x) for x in args.noise.split(",") if x]:
+            recs = round_trip(vae, images, level)
+            ok = [sum(detector.is_checker_star(im, s.objects[0].cell, s.background) for s, im in zip(subjects, ims))
+                  for ims in (recs, images)]
+            print(f"  Subject A, latent noise std {level:g}: {ok[0]}/{args.n} pass (originals {ok[1]})")
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_text_atomic
-from ..data import shapes
+from ..data import novel, shapes
 from ..errors import LightboothError
 from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_length
 
@@ -42,6 +42,7 @@ class BaseTrainConfig:
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_novel: float = 0.0  # share of VAE and decoder training crops with novel colours and textures
     # then the decoder alone learns to decode latents with noise of std up to decoder_noise (normalized units)
     decoder_steps: int = 3000
     decoder_noise: float = 0.15  # 0.3 survives more noise but costs clean pairs (92% -> 73% pass); BENCHMARKS.md
@@ -134,15 +135,19 @@ def build_vae(cfg: BaseTrainConfig):
 
 
 class CropStream(torch.utils.data.IterableDataset):
-    """Endless random crops of shapes-world images, aligned to the latent grid."""
+    """Endless random crops of shapes-world images, aligned to the latent grid; a share `novel` of them from
+    images of things the world never shows (data/novel.py), so the VAE can encode a user's subject."""
 
-    def __init__(self, seed: int, crop: int, align: int):
-        self.seed, self.crop, self.align = seed, crop, align
+    def __init__(self, seed: int, crop: int, align: int, novel: float = 0.0):
+        self.seed, self.crop, self.align, self.novel = seed, crop, align, novel
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, 7])
         while True:
-            img = np.asarray(shapes.render(shapes.sample_scene(rng)), dtype=np.float32)
+            if self.novel and rng.random() < self.novel:  # no extra draw at 0: the old recipes' stream is unchanged
+                img = np.asarray(novel.render_novel(rng), dtype=np.float32)
+            else:
+                img = np.asarray(shapes.render(shapes.sample_scene(rng)), dtype=np.float32)
             y, x = (rng.integers(0, (shapes.CANVAS - self.crop) // self.align + 1, 2) * self.align).tolist()
             crop = torch.from_numpy(img[y:y + self.crop, x:x + self.crop]).permute(2, 0, 1)
             yield crop / 127.5 - 1

@@ -204,8 +204,8 @@ def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
     if stage_done(run, "vae"):
         return _load_vae(final)
     module = VAEModule(cfg)
-    loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed, cfg.vae_crop, 2 ** cfg.vae_downsamples),
-                                         batch_size=cfg.vae_batch)
+    crops = B.CropStream(cfg.seed, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_novel)
+    loader = torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch)
     fit(module, loader, cfg.vae_steps, run / "vae", cfg, "vae")
     vae = module.vae.eval()
     mean, std = B.latent_stats(vae, cfg.seed)
@@ -223,8 +223,8 @@ def _decoder_stage(cfg: B.BaseTrainConfig, run: Path, vae):
     if stage_done(run, "decoder"):
         return _load_vae(final)
     module = DecoderModule(cfg, vae.train())
-    loader = torch.utils.data.DataLoader(B.CropStream(cfg.seed + 1, cfg.vae_crop, 2 ** cfg.vae_downsamples),
-                                         batch_size=cfg.vae_batch)
+    crops = B.CropStream(cfg.seed + 1, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_novel)
+    loader = torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch)
     fit(module, loader, cfg.decoder_steps, run / "decoder", cfg, "decoder")
     vae = module.vae.eval().requires_grad_(False)
     vae.save_pretrained(str(final), safe_serialization=True)
