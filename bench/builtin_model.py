@@ -12,6 +12,8 @@ import time
 
 import torch
 
+PROMPT = "a large red circle in the center, white background"
+
 
 def time_call(fn, repeats: int) -> float:
     fn()  # warm-up
@@ -42,7 +44,7 @@ def main() -> None:
     for b in (1, 8):
         def call():
             gen._cache.clear()  # cold: prompt encoding is part of the time
-            gen(["a large red circle in the center, white background"], seed=0, num_images=b)
+            gen([PROMPT], seed=0, num_images=b)
         print(f"batch {b}: {time_call(call, args.repeats):.3f} s per call")
     rep = evaluate(gen, n=args.n)
     print("\n".join(rep.lines()))
