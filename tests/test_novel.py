@@ -41,7 +41,7 @@ def test_crop_stream_without_novel_content_is_the_world_stream_of_earlier_recipe
         assert np.array_equal(next(crops).numpy(), expected)
 
 
-def test_crop_stream_mixes_in_novel_content_at_the_asked_share():
+def test_crop_stream_with_novel_content_draws_other_images_in_range():
     stream = iter(CropStream(seed=5, crop=32, align=4, novel=1.0))
     crops = [next(stream) for _ in range(8)]
     world = iter(CropStream(seed=5, crop=32, align=4))

@@ -48,10 +48,5 @@ def render_novel(rng: np.random.Generator, ss: int = 4) -> Image.Image:
         u, v = shapes._samples(box, ss, obj.cx, obj.cy)
         inside = shapes.inside(obj.shape, s, u, v)
         which = _pattern(rng, PATTERNS[rng.integers(0, len(PATTERNS))], s, u, v)
-        x0, y0, x1, y1 = box
-        sub = canvas[y0:y1, x0:x1]
-        total = shapes._reduce(inside, ss)
-        sub *= (1.0 - total)[..., None]
-        for k in (0, 1):
-            sub += shapes._reduce(inside & (which == k), ss)[..., None] * _random_rgb(rng)
+        shapes.composite(canvas, box, [(_random_rgb(rng), shapes._reduce(inside & (which == k), ss)) for k in (0, 1)])
     return Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")

@@ -192,13 +192,17 @@ def render(scene: Scene) -> Image.Image:
     canvas = np.empty((CANVAS, CANVAS, 3), dtype=np.float64)
     canvas[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
-        (x0, y0, x1, y1), layers = object_layers(obj)
-        sub = canvas[y0:y1, x0:x1]
-        total = sum(cov for _, cov in layers)
-        sub *= (1.0 - total)[..., None]
-        for rgb, cov in layers:
-            sub += cov[..., None] * np.asarray(rgb, dtype=np.float64)
+        composite(canvas, *object_layers(obj))
     return Image.fromarray(np.rint(canvas).astype(np.uint8), "RGB")
+
+
+def composite(canvas: np.ndarray, box: tuple[int, int, int, int], layers) -> None:
+    """Paint coverage layers [(rgb, coverage), ...] into `box` of a float canvas, in place."""
+    x0, y0, x1, y1 = box
+    sub = canvas[y0:y1, x0:x1]
+    sub *= (1.0 - sum(cov for _, cov in layers))[..., None]
+    for rgb, cov in layers:
+        sub += cov[..., None] * np.asarray(rgb, dtype=np.float64)
 
 
 def subject_scene(rng: np.random.Generator, background: str | None = None, cell: str | None = None) -> Scene:
