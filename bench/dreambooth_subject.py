@@ -5,7 +5,9 @@ in varied cells and backgrounds and `--n` of plain "a star", and score them with
 - fidelity: share of "<token> star" images showing the subject alone in the asked cell and background (strict),
   and share showing the subject at all (loose);
 - leakage: share of plain "a star" images showing the subject's checker pattern;
-- diversity: distinct colours among the objects of clean plain "a star" images (of 8).
+- diversity: distinct colours among the objects of clean plain "a star" images (of 8);
+- the same two for "a star" in the subject prompts' cells and backgrounds ("in context"): a model that leaves most
+  bare "a star" images empty (the built-in candidates do) has nothing to leak into there.
 The base model without a LoRA is scored too, as the reference for leakage and diversity.
 
     python bench/dreambooth_subject.py --out runs/bench-dreambooth [--steps 400] [--lr 1e-4] [--rank 4] [--full]
@@ -38,7 +40,8 @@ def instance_images(folder: Path, count: int, seed: int) -> None:
 def context_prompt(token: str, cell: str, background: str) -> str:
     from lightbooth.data.shapes import _CELL_EN
 
-    return f"a {token} star {_CELL_EN[cell]}, {background} background"
+    subject = f"a {token} star" if token else "a star"  # no token: the plain class prompt in the same context
+    return f"{subject} {_CELL_EN[cell]}, {background} background"
 
 
 def blob_colours(image, min_pixels: int = 15) -> dict[str, float]:
@@ -84,6 +87,7 @@ def score(gen, token: str, n: int, batch: int = 32) -> dict:
     subject = images([context_prompt(token, c, b) for c, b in asks])
     plain_images = images(["a star"] * n)
     plain = [detect(im) for im in plain_images]
+    context = [detect(im) for im in images([context_prompt("", c, b) for c, b in asks])]
     return {
         "fidelity": float(np.mean([is_checker_star(im, c, b) for im, (c, b) in zip(subject, asks)])),
         "loose": float(np.mean([bool(detect(im).checker_stars) for im in subject])),
@@ -93,6 +97,8 @@ def score(gen, token: str, n: int, batch: int = 32) -> dict:
         "leak_colours": float(np.mean([checker_colours(im) for im in plain_images])),
         "colours": len({o.color for d in plain if d.clean for o in d.objects} - {"teal"}),
         "blob_colours": len({main_colour(im) for im in plain_images} - {None, "teal"}),
+        "context_leakage": float(np.mean([bool(d.checker_stars) for d in context])),
+        "context_colours": len({o.color for d in context if d.clean for o in d.objects} - {"teal"}),
     }
 
 
@@ -137,13 +143,14 @@ def main() -> None:
           f"{args.n} images per prompt set, preset {args.preset}")
     print("detector (strict shapes) | lenient colour reading of blobs")
     print("| model | fidelity | subject at all | leakage into 'a star' | colours of 'a star' | yellow+teal in "
-          "'<token> star' | asked background | yellow+teal in 'a star' | main colours of 'a star' | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "'<token> star' | asked background | yellow+teal in 'a star' | main colours of 'a star' | leakage / colours "
+          "of 'a star' in context | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         train = f"{r['train_s']:.0f}" if "train_s" in r else "-"
         print(f"| {name} | {r['fidelity']:.1%} | {r['loose']:.1%} | {r['leakage']:.1%} | {r['colours']}/8 | "
               f"{r['checker_colours']:.1%} | {r['bg_ok']:.1%} | {r['leak_colours']:.1%} | {r['blob_colours']}/8 | "
-              f"{train} |")
+              f"{r['context_leakage']:.1%} / {r['context_colours']}/8 | {train} |")
 
 
 if __name__ == "__main__":
