@@ -7,7 +7,9 @@ in varied cells and backgrounds and `--n` of plain "a star", and score them with
 - leakage: share of plain "a star" images showing the subject's checker pattern;
 - diversity: distinct colours among the objects of clean plain "a star" images (of 8);
 - the same two for "a star" in the subject prompts' cells and backgrounds ("in context"): a model that leaves most
-  bare "a star" images empty (the built-in candidates do) has nothing to leak into there.
+  bare "a star" images empty (the built-in candidates do) has nothing to leak into there; read strictly (detector)
+  and leniently (yellow+teal foreground; main colours of every non-empty image), since the detector reads few of
+  the built-in models' drawn stars as clean.
 The base model without a LoRA is scored too, as the reference for leakage and diversity.
 
     python bench/dreambooth_subject.py --out runs/bench-dreambooth [--steps 400] [--lr 1e-4] [--rank 4] [--full]
@@ -87,7 +89,8 @@ def score(gen, token: str, n: int, batch: int = 32) -> dict:
     subject = images([context_prompt(token, c, b) for c, b in asks])
     plain_images = images(["a star"] * n)
     plain = [detect(im) for im in plain_images]
-    context = [detect(im) for im in images([context_prompt("", c, b) for c, b in asks])]
+    context_images = images([context_prompt("", c, b) for c, b in asks])
+    context = [detect(im) for im in context_images]
     return {
         "fidelity": float(np.mean([is_checker_star(im, c, b) for im, (c, b) in zip(subject, asks)])),
         "loose": float(np.mean([bool(detect(im).checker_stars) for im in subject])),
@@ -99,6 +102,8 @@ def score(gen, token: str, n: int, batch: int = 32) -> dict:
         "blob_colours": len({main_colour(im) for im in plain_images} - {None, "teal"}),
         "context_leakage": float(np.mean([bool(d.checker_stars) for d in context])),
         "context_colours": len({o.color for d in context if d.clean for o in d.objects} - {"teal"}),
+        "context_leak_colours": float(np.mean([checker_colours(im) for im in context_images])),
+        "context_blob_colours": len({main_colour(im) for im in context_images} - {None, "teal"}),
     }
 
 
@@ -144,13 +149,14 @@ def main() -> None:
     print("detector (strict shapes) | lenient colour reading of blobs")
     print("| model | fidelity | subject at all | leakage into 'a star' | colours of 'a star' | yellow+teal in "
           "'<token> star' | asked background | yellow+teal in 'a star' | main colours of 'a star' | leakage / colours "
-          "of 'a star' in context | train s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "of 'a star' in context | yellow+teal / main colours of 'a star' in context | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         train = f"{r['train_s']:.0f}" if "train_s" in r else "-"
         print(f"| {name} | {r['fidelity']:.1%} | {r['loose']:.1%} | {r['leakage']:.1%} | {r['colours']}/8 | "
               f"{r['checker_colours']:.1%} | {r['bg_ok']:.1%} | {r['leak_colours']:.1%} | {r['blob_colours']}/8 | "
-              f"{r['context_leakage']:.1%} / {r['context_colours']}/8 | {train} |")
+              f"{r['context_leakage']:.1%} / {r['context_colours']}/8 | "
+              f"{r['context_leak_colours']:.1%} / {r['context_blob_colours']}/8 | {train} |")
 
 
 if __name__ == "__main__":
