@@ -49,3 +49,13 @@ def test_blank_images_score_zero_and_do_not_count_as_agreeing():
     assert all(v == 0.0 for v in rep.accuracy.values())
     assert all(v == 0.0 for v in rep.agreement.values())
     assert rep.variety["colors"] == 0
+
+
+def test_detections_with_an_object_between_cells_compare_without_error():
+    from lightbooth.eval.detector import DetectedObject, Detection
+
+    def det(cells):
+        return Detection("white", [DetectedObject("red", "circle", "small", c, 0.5, 0.5, 0.9) for c in cells], [])
+
+    assert quality.agree(det([None, "center"]), det(["center", None]))
+    assert not quality.agree(det([None, "center"]), det(["center", "top left"]))

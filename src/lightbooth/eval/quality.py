@@ -40,8 +40,9 @@ def prompt_set(kind: str, n: int, seed: int = 1234) -> list[shapes.Scene]:
 
 
 def signature(det: detector.Detection):
-    """What a detection says, order-free, for comparing two images."""
-    return (det.background, tuple(sorted((o.color, o.shape, o.size, o.cell) for o in det.objects)))
+    """What a detection says, order-free, for comparing two images (an object between cells has cell None)."""
+    return (det.background, tuple(sorted(((o.color, o.shape, o.size, o.cell) for o in det.objects),
+                                         key=lambda t: tuple("" if v is None else v for v in t))))
 
 
 def agree(a: detector.Detection, b: detector.Detection) -> bool:
