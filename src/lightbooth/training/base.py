@@ -25,7 +25,7 @@ from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_le
 
 @dataclass
 class BaseTrainConfig:
-    """Recipe of the built-in model. Defaults are the shipped recipe (about 2.4-2.6 hours on a 2-core CPU)."""
+    """Recipe of the built-in model. Defaults are the shipped recipe (about 1 h 45 min on a 2-core CPU)."""
 
     seed: int = 0  # everything (data, init, noise) derives from it
     threads: int = 0  # torch CPU threads; 0 = all cores
@@ -35,23 +35,23 @@ class BaseTrainConfig:
     text_layers: int = 2
     # VAE (AutoencoderKLQwenImage), trained on random crops: convolutions do not care about image size
     vae_base_dim: int = 16
-    vae_z_dim: int = 4  # latent channels
+    vae_z_dim: int = 16  # latent channels: 4 cannot hold concave outlines at 64 tokens, 16 can (BENCHMARKS.md)
     vae_downsamples: int = 2  # 64x64 images -> 16x16 latents
-    vae_steps: int = 8000  # 3,000 (the first shipped model's) blurs small shapes; 8,000 passes the detector 90-98%
+    vae_steps: int = 6000  # at z 16, 32/32 single, pair and count scenes round-trip (z 4 needed 8,000 for 90-98%)
     vae_batch: int = 16
     vae_crop: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
     vae_novel: float = 0.0  # share of VAE and decoder training crops with novel colours and textures
     # then the decoder alone learns to decode latents with noise of std up to decoder_noise (normalized units)
-    decoder_steps: int = 3000
+    decoder_steps: int = 2000
     decoder_noise: float = 0.15  # 0.3 survives more noise but costs clean pairs (92% -> 73% pass); BENCHMARKS.md
     # transformer (QwenImageTransformer2DModel)
     dim: int = 192  # heads * 32; 128 trains 1.5x faster per step but at equal time draws worse (BENCHMARKS.md)
     layers: int = 4
     latent_cache: int = 20000  # scenes encoded once and reused, captions re-drawn each time
-    steps: int = 15000  # 110-125 min at 2 threads for width 192 (2.0-2.3 steps/s, machine to machine)
-    batch: int = 32
+    steps: int = 30000  # about 77 min at 2 threads (5.2-6.5 steps/s); the fifth version's 480,000 samples
+    batch: int = 16  # (15,000 x 32) in twice the optimizer steps, the regime of the z 16 short runs
     lr: float = 5e-4
     warmup: int = 200
     ema_decay: float = 0.999
@@ -60,7 +60,7 @@ class BaseTrainConfig:
     # template per language: with the cell words always at about the same token index the transformer learns
     # positions (it has no absolute position embedding, only rotary offsets to text tokens); on the varied
     # captions alone, or with pairs and counts mixed in, it did not (bench/position_probe.py; BENCHMARKS.md)
-    anchor_steps: int = 1500
+    anchor_steps: int = 6000
     train_shift: float = 3.0  # flow shift on training noise levels: layout, colour and place are decided at high noise
     # (1.0 was tried, 12,000 steps: better at low noise, worse backgrounds and colours; BENCHMARKS.md)
     train_uniform: float = 0.0  # share of noise levels drawn uniformly instead (0.3 was worse; BENCHMARKS.md)
