@@ -161,6 +161,25 @@ def test_a_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(qwen_dir,
     assert losses(straight) == losses(resumed)
 
 
+def test_a_run_can_start_from_an_earlier_student_lora(qwen_dir, tmp_path):
+    from lightbooth.lora import load_lora
+
+    first = train_distill(run_cfg(tmp_path / "a", model=str(qwen_dir), method="trajectory", lr=1e-2))
+    # lr 0: the warm-started student is exported untouched; another alpha must not change the updates it makes
+    again = train_distill(run_cfg(tmp_path / "b", model=str(qwen_dir), method="trajectory", lr=0.0, alpha=2.0,
+                                  init_lora=str(first)))
+    family = Generator.load(qwen_dir, device="cpu", fast=False).family
+    a, b = (load_lora(p, family.name, {family.denoiser_name: family.denoiser}) for p in (first, again))
+    meta = validate_safetensors(again)
+    assert a.keys() == b.keys() and any(layer.delta().abs().max() > 0 for layer in a.values())
+    assert all(torch.allclose(a[k].delta(), b[k].delta(), atol=1e-7) for k in a)
+    assert all(b[k].alpha == 2.0 for k in b) and json.loads(meta["lightbooth_distill"])["init_lora"] == str(first)
+    with pytest.raises(LightboothError, match="rank 4 but the run trains rank 8; pass --rank 4"):
+        train_distill(run_cfg(tmp_path / "c", model=str(qwen_dir), method="trajectory", rank=8, init_lora=str(first)))
+    with pytest.raises(LightboothError, match="starting LoRA .* not found"):
+        train_distill(run_cfg(tmp_path / "d", model=str(qwen_dir), init_lora=str(tmp_path / "none.safetensors")))
+
+
 def test_student_states_follow_the_students_own_euler_steps():
     vel = lambda x, s: x * s.view(-1, 1)  # noqa: E731
     sig = torch.tensor([1.0, 0.5, 0.0])

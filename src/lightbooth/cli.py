@@ -187,6 +187,8 @@ def distill(
     fake_updates: Optional[int] = typer.Option(None, "--fake-updates", help="DMD critic updates per student update."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: the rank)."),
+    init_lora: Optional[str] = typer.Option(None, "--init-lora", help="Start the student from this LoRA (e.g. the "
+                                            "student of an earlier teacher) instead of from zero."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints."),
     keep: Optional[int] = typer.Option(None, help="Checkpoints kept (default 2)."),
     logger: Optional[str] = typer.Option(None, help="tensorboard (default), wandb, mlflow or none."),

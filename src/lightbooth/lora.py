@@ -389,6 +389,33 @@ def from_peft_model(component_name: str, model: nn.Module, adapter_name: str = "
     return out
 
 
+@torch.no_grad()
+def into_peft_model(component_name: str, model: nn.Module, weights: LoraWeights, adapter_name: str = "default") -> None:
+    """Set peft adapter `adapter_name` to `weights` (the inverse of `from_peft_model`): a warm start from a LoRA file.
+
+    Every layer of `weights` must land on a module the adapter covers, with its rank; the adapter's own alpha is kept
+    and the up factor rescaled so that each update (alpha / r) * up @ down is exactly the file's. Adapter modules the
+    file does not name keep their initial (zero) update.
+    """
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    slots = {f"{component_name}.{name.removeprefix('base_model.model.')}": m for name, m in model.named_modules()
+             if isinstance(m, PeftLoraLayer) and adapter_name in m.lora_A}
+    for target, layer in weights.items():
+        module = slots.get(target)
+        if module is None:
+            raise LightboothError(f"LoRA layer {target!r} is not among the modules being trained; start from a LoRA "
+                                  "trained on the same targets (one this command wrote) or drop the starting LoRA")
+        rank = module.r[adapter_name]
+        if layer.rank != rank:
+            raise LightboothError(f"LoRA layer {target!r} has rank {layer.rank} but the run trains rank {rank}; "
+                                  f"pass --rank {layer.rank}")
+        down, up = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        factor = (layer.alpha / layer.rank) / float(module.scaling[adapter_name])
+        down.copy_(layer.down.reshape(down.shape).to(down))
+        up.copy_((layer.up.float() * factor).reshape(up.shape).to(up))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------

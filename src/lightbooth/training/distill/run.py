@@ -51,6 +51,8 @@ class DistillConfig:
     fake_lr: float = 1e-4  # DMD's fake-score LoRA
     fake_updates: int = 5  # DMD: fake-score updates per student update (DMD2's two time-scale rule)
     rank: int = 16  # LoRA rank of the student (and of the fake score)
+    init_lora: str | None = None  # the student starts from this LoRA file (e.g. the student of the teacher's previous
+    # version, or a shorter run) instead of from zero; same targets and rank as this run's
     alpha: float | None = None  # LoRA alpha; None: equal to the rank
     checkpoint_every: int = 100
     keep: int = 2  # checkpoints kept
@@ -78,6 +80,9 @@ def check_config(cfg: DistillConfig) -> None:
         raise LightboothError(f"--shift must be positive (got {cfg.shift})")
     if cfg.logger not in LOGGERS:
         raise LightboothError(f"unknown logger {cfg.logger!r}; use one of {', '.join(LOGGERS)}")
+    if cfg.init_lora is not None and not Path(cfg.init_lora).is_file():
+        raise LightboothError(f"starting LoRA {cfg.init_lora} not found; pass an existing .safetensors file to "
+                              "--init-lora")
 
 
 def student_preset(cfg: DistillConfig):
@@ -120,11 +125,16 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
 
 
 def add_adapters(cfg: DistillConfig, family) -> None:
-    """The student adapter (zero-initialised: it starts as the teacher run without CFG), and DMD's fake score."""
+    """The student adapter (zero-initialised: it starts as the teacher run without CFG, unless `init_lora` gives its
+    starting weights), and DMD's fake score (always zero: it starts as the teacher's score)."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ...lora import into_peft_model, load_lora
     from .module import FAKE, STUDENT
 
+    # read and check the starting LoRA against the plain model, before any adapter wraps its layers
+    start = None if cfg.init_lora is None else load_lora(cfg.init_lora, family.name,
+                                                         {family.denoiser_name: family.denoiser})
     torch.manual_seed(cfg.seed)
     names = (STUDENT, FAKE) if cfg.method == "dmd" else (STUDENT,)
     targets = family.distill_lora_targets or family.lora_targets
@@ -132,6 +142,8 @@ def add_adapters(cfg: DistillConfig, family) -> None:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=list(targets),
                           lora_dropout=0.0, init_lora_weights=True)
         inject_adapter_in_model(lora, family.denoiser, adapter_name=name)
+    if start is not None:
+        into_peft_model(family.denoiser_name, family.denoiser, start, adapter_name=STUDENT)
     for n, p in family.denoiser.named_parameters():
         p.requires_grad_(any(f".{name}." in n for name in names))
     trainable_in_fp32(family.denoiser)
@@ -173,6 +185,7 @@ def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> 
             "method": cfg.method, "states": cfg.states,
             # the built-in model by name: its folder is wherever this package happens to be installed
             "teacher": "built-in" if cfg.model is None else str(model_path), "teacher_loras": cfg.loras,
+            "init_lora": cfg.init_lora,
             "teacher_preset": dataclasses.asdict(teacher.preset), "steps": cfg.steps, "seed": cfg.seed}),
     }
     path = run / "lora.safetensors"
