@@ -50,8 +50,8 @@ class BaseTrainConfig:
     dim: int = 192  # heads * 32; 128 trains 1.5x faster per step but at equal time draws worse (BENCHMARKS.md)
     layers: int = 4
     latent_cache: int = 20000  # scenes encoded once and reused, captions re-drawn each time
-    steps: int = 30000  # about 77 min at 2 threads (5.2-6.5 steps/s); the fifth version's 480,000 samples
-    batch: int = 16  # (15,000 x 32) in twice the optimizer steps, the regime of the z 16 short runs
+    steps: int = 50000  # about 2 h 15 min at 2 threads (5.2-6.5 steps/s); 30,000 scored single-object prompts
+    batch: int = 16  # 38% / 49% strict, 42,000 54% / 62%, 50,000 57% / 66% (BENCHMARKS.md, seventh version)
     lr: float = 5e-4
     warmup: int = 200
     ema_decay: float = 0.999
