@@ -70,7 +70,7 @@ def pixel_encoder(seed: int):
 
 
 def main(argv=None) -> int:
-    from lightbooth.training.base_run import _load_vae
+    from lightbooth.training.base_run import load_vae
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vae", action="append", required=True, metavar="NAME=DIR",
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     encoders = {"pixels": (pixel_encoder(args.seed), 64 * 64 * 3)}
     for spec in args.vae:
         name, _, folder = spec.rpartition("=")
-        vae = _load_vae(Path(folder))
+        vae = load_vae(Path(folder))
         z, down = vae.config.z_dim, 2 ** (len(vae.config.dim_mult) - 1)
         encoders[name or folder] = (lambda scenes, vae=vae: latents(vae, scenes), z * (64 // down) ** 2)
     print(f"median latent distance d and the level s2 = d / (d + 2) above which the drawing stops telling the two "

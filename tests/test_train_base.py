@@ -182,6 +182,49 @@ def test_the_decoder_stage_changes_the_decoder_only(tiny_run):
     assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
 
 
+def _extend(vae_dir: Path, run: Path, anchor: float, steps: int = 12):
+    import dataclasses
+
+    from lightbooth.config import load_config
+    from lightbooth.training import base as B
+    from lightbooth.training import base_run as R
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(load_config(B.BaseTrainConfig, TINY), vae_extend_steps=steps, vae_extend_anchor=anchor,
+                              checkpoint_every=100)
+    return R.extend_stage(cfg, run, R.load_vae(vae_dir)), cfg
+
+
+def _world_latents(vae, n: int = 16) -> torch.Tensor:
+    from lightbooth.training import base as B
+
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    return B.encode_scenes(vae, 123, 0, n, normalize=False) / std
+
+
+def test_the_extend_stage_trains_both_halves_and_anchors_the_world_latents(tiny_run, tmp_path):
+    """After the flow stage, the VAE learns novel images (so DreamBooth can encode a subject the world never shows)
+    while the encoder's latents of world scenes stay near those the flow model learnt: with the anchor they move
+    far less than without it, and the stage's result is saved and reused."""
+    from safetensors.torch import load_file
+
+    from lightbooth.training.base_run import load_vae
+
+    name = "diffusion_pytorch_model.safetensors"
+    source = tiny_run / "decoder" / "final"
+    anchored, cfg = _extend(source, tmp_path / "anchored", anchor=100.0)
+    free, _ = _extend(source, tmp_path / "free", anchor=0.0)
+    assert (tmp_path / "anchored" / "extend" / "DONE").exists()
+    before, after = load_file(str(source / name)), load_file(str(tmp_path / "anchored/extend/final" / name))
+    for part in ("encoder.", "decoder."):
+        assert not all(torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
+    original = _world_latents(load_vae(source))
+    drift = lambda vae: float((_world_latents(vae) - original).pow(2).mean().sqrt())  # noqa: E731
+    assert drift(anchored) < 0.5 * drift(free)
+    again, _ = _extend(source, tmp_path / "anchored", anchor=100.0)  # done: loaded, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), anchored.state_dict().values()))
+
+
 def test_chinese_captions_are_cut_into_words():
     from lightbooth.data.shapes import caption_words
 

@@ -46,6 +46,12 @@ class BaseTrainConfig:
     # then the decoder alone learns to decode latents with noise of std up to decoder_noise (normalized units)
     decoder_steps: int = 2000
     decoder_noise: float = 0.15  # 0.3 survives more noise but costs clean pairs (92% -> 73% pass); BENCHMARKS.md
+    # after the flow stage, both halves of the VAE learn novel images (data/novel.py) so that DreamBooth can encode,
+    # and the decoder draw, a user's subject; on world scenes the decoder keeps decoding the latents the flow model
+    # learnt, and the encoder is held near them (MSE, weight vae_extend_anchor, normalized units); 0 steps: off
+    vae_extend_steps: int = 0
+    vae_extend_novel: float = 0.5  # share of the extension's crops that are novel images
+    vae_extend_anchor: float = 1.0
     # transformer (QwenImageTransformer2DModel)
     dim: int = 192  # heads * 32; 128 trains 1.5x faster per step but at equal time draws worse (BENCHMARKS.md)
     layers: int = 4
@@ -138,19 +144,18 @@ class CropStream(torch.utils.data.IterableDataset):
     """Endless random crops of shapes-world images, aligned to the latent grid; a share `novel` of them from
     images of things the world never shows (data/novel.py), so the VAE can encode a user's subject."""
 
-    def __init__(self, seed: int, crop: int, align: int, novel: float = 0.0):
-        self.seed, self.crop, self.align, self.novel = seed, crop, align, novel
+    def __init__(self, seed: int, crop: int, align: int, novel: float = 0.0, flagged: bool = False):
+        self.seed, self.crop, self.align, self.novel, self.flagged = seed, crop, align, novel, flagged
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, 7])
         while True:
-            if self.novel and rng.random() < self.novel:  # no extra draw at 0: the old recipes' stream is unchanged
-                img = np.asarray(novel.render_novel(rng), dtype=np.float32)
-            else:
-                img = np.asarray(shapes.render(shapes.sample_scene(rng)), dtype=np.float32)
+            is_novel = bool(self.novel and rng.random() < self.novel)  # no draw at 0: old recipes' stream unchanged
+            img = novel.render_novel(rng) if is_novel else shapes.render(shapes.sample_scene(rng))
+            img = np.asarray(img, dtype=np.float32)
             y, x = (rng.integers(0, (shapes.CANVAS - self.crop) // self.align + 1, 2) * self.align).tolist()
-            crop = torch.from_numpy(img[y:y + self.crop, x:x + self.crop]).permute(2, 0, 1)
-            yield crop / 127.5 - 1
+            crop = torch.from_numpy(img[y:y + self.crop, x:x + self.crop]).permute(2, 0, 1) / 127.5 - 1
+            yield (crop, is_novel) if self.flagged else crop  # flagged: (crop, whether it is a novel image)
 
 
 def latent_stats(vae, seed: int, n: int = 512) -> tuple[list[float], list[float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -127,6 +128,43 @@ class FlowModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(self.cfg.warmup, self.cfg.steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
+class ExtendModule(L.LightningModule):
+    """Fine-tunes both halves of a trained VAE on crops of which a share are novel images, so a subject the world
+    never shows (WORLD.md's checker star) can be encoded for DreamBooth and drawn back by the decoder. A flow model
+    already learnt this VAE's latents, and generation decodes them: on world crops the decoder learns from the
+    frozen original encoder's latents (what the flow model draws), and the new encoder is held near them (MSE in
+    the pipeline's normalized units, so DreamBooth's class images encode where the flow model put them); on novel
+    crops the decoder learns from the new encoder's. Latents are decoded with noise, as in the decoder stage."""
+
+    def __init__(self, cfg: B.BaseTrainConfig, vae):
+        super().__init__()
+        self.cfg, self.vae = cfg, vae.requires_grad_(True)
+        self.frozen = copy.deepcopy(vae).requires_grad_(False).eval()
+        z = cfg.vae_z_dim
+        self.register_buffer("std", torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, z, 1, 1, 1))
+
+    def training_step(self, batch, _):
+        x, is_novel = batch
+        z = self.vae.encode(x[:, :, None]).latent_dist.mean
+        with torch.no_grad():
+            z0 = self.frozen.encode(x[:, :, None]).latent_dist.mean
+        world = (~is_novel).view(-1, 1, 1, 1, 1)
+        drift = ((z - z0) / self.std).pow(2).mean(dim=(1, 2, 3, 4))[~is_novel]
+        level = torch.rand(z.shape[0], 1, 1, 1, 1, device=z.device) * self.cfg.decoder_noise
+        decoded = torch.where(world, z0, z) + level * self.std * torch.randn_like(z)
+        recon = self.vae.decode(decoded).sample[:, :, 0]
+        loss = vae_loss(recon, x, torch.zeros(1, device=x.device), 0.0)
+        if len(drift):
+            loss = loss + self.cfg.vae_extend_anchor * drift.mean()
+            self.log("latent_drift", drift.mean(), prog_bar=True)
+        self.log("extend_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.vae_lr / 2, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(100, self.cfg.vae_extend_steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
 
 def fit(module: L.LightningModule, loader, steps: int, folder: Path, cfg: B.BaseTrainConfig, logger_name: str):
     """Run (or continue) one stage; Ctrl-C / SIGTERM save a checkpoint and stop with exit code 130."""
@@ -171,6 +209,7 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
     else:
         module = _load_module(module, run / "flow")
     ema = module.ema.module
+    vae = extend_stage(cfg, run, vae)
     return B.export_pipeline(cfg, run, tokenizer, vae, ema["text_encoder"].eval(), ema["transformer"].eval())
 
 
@@ -190,7 +229,7 @@ def _load_module(module, folder: Path):
     return module
 
 
-def _load_vae(folder: Path):
+def load_vae(folder: Path):
     from diffusers import AutoencoderKLQwenImage
 
     vae = AutoencoderKLQwenImage.from_pretrained(str(folder), use_safetensors=True).eval()
@@ -202,7 +241,7 @@ def _load_vae(folder: Path):
 def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
     final = run / "vae" / "final"
     if stage_done(run, "vae"):
-        return _load_vae(final)
+        return load_vae(final)
     module = VAEModule(cfg)
     crops = B.CropStream(cfg.seed, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_novel)
     loader = torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch)
@@ -221,7 +260,7 @@ def _decoder_stage(cfg: B.BaseTrainConfig, run: Path, vae):
         return vae
     final = run / "decoder" / "final"
     if stage_done(run, "decoder"):
-        return _load_vae(final)
+        return load_vae(final)
     module = DecoderModule(cfg, vae.train())
     crops = B.CropStream(cfg.seed + 1, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_novel)
     loader = torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch)
@@ -229,6 +268,24 @@ def _decoder_stage(cfg: B.BaseTrainConfig, run: Path, vae):
     vae = module.vae.eval().requires_grad_(False)
     vae.save_pretrained(str(final), safe_serialization=True)
     mark_done(run, "decoder")
+    return vae
+
+
+def extend_stage(cfg: B.BaseTrainConfig, run: Path, vae):
+    """The VAE extended to novel images (ExtendModule), after the flow stage: its latents cache stays the old one.
+    Also run on its own on a finished model's VAE (tools/extend_vae.py)."""
+    if not cfg.vae_extend_steps:
+        return vae
+    final = run / "extend" / "final"
+    if stage_done(run, "extend"):
+        return load_vae(final)
+    module = ExtendModule(cfg, vae.train())
+    crops = B.CropStream(cfg.seed + 2, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_extend_novel, flagged=True)
+    fit(module, torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch), cfg.vae_extend_steps,
+        run / "extend", cfg, "extend")
+    vae = module.vae.eval().requires_grad_(False)
+    vae.save_pretrained(str(final), safe_serialization=True)
+    mark_done(run, "extend")
     return vae
 
 
