@@ -7,7 +7,10 @@ pass is a ceiling on the built-in model's prompt accuracy. Scenes are drawn from
 three kinds), each rendered, encoded (posterior mean), decoded, and checked against everything it contains.
 The originals are checked too (they must all pass: a detector sanity line). `--subject` round-trips `--n`
 instance images of WORLD.md's Subject A (the yellow/teal checker star, in random cells and backgrounds) too, at
-every `--noise` level: the ceiling on DreamBooth's subject fidelity on a model with this VAE.
+every `--noise` level: the ceiling on DreamBooth's subject fidelity on a model with this VAE. `--reference VAE`
+compares with the VAE a flow model was trained on: how far this encoder moved the world's latents (RMS in the
+pipeline's normalized units) and how many scenes pass when the reference encoder's latents (what the flow model
+draws) go through this decoder.
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ from lightbooth.data import shapes  # noqa: E402
 from lightbooth.eval import detector  # noqa: E402
 
 
-def round_trip(vae, images, noise: float = 0.0, seed: int = 0) -> list:
-    """Encode (posterior mean), add Gaussian noise of std `noise` in the pipeline's normalized latent units (what
-    a flow model's small errors look like to the decoder), decode."""
-    from PIL import Image
-
+def encode(vae, images) -> torch.Tensor:
+    """Posterior means of PIL images, (B, z, 1, h, w)."""
     x = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2) / 127.5 - 1
     with torch.inference_mode():
-        z = vae.encode(x[:, :, None]).latent_dist.mean
+        return vae.encode(x[:, :, None]).latent_dist.mean
+
+
+def round_trip(vae, images, noise: float = 0.0, seed: int = 0, encoder=None) -> list:
+    """Encode (posterior mean; with `encoder`, another VAE's), add Gaussian noise of std `noise` in the pipeline's
+    normalized latent units (what a flow model's small errors look like to the decoder), decode."""
+    from PIL import Image
+
+    z = encode(encoder or vae, images)
+    with torch.inference_mode():
         if noise:
             std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
             z = z + noise * std * torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
@@ -50,6 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", default="", help="comma-separated latent noise levels: pass rates of the single "
                     "scenes decoded from noisy latents (how forgiving the decoder is)")
     ap.add_argument("--subject", action="store_true", help="round-trip Subject A's instance images too")
+    ap.add_argument("--reference", default=None, help="the VAE a flow model was trained on: latent drift and "
+                    "its latents through this decoder")
     args = ap.parse_args(argv)
     from diffusers import AutoencoderKLQwenImage
 
@@ -77,6 +88,18 @@ def main(argv=None) -> int:
         recs = round_trip(vae, [shapes.render(s) for s in singles], level)
         ok = sum(detector.check(s, detector.detect(r)) for s, r in zip(singles, recs))
         print(f"  single scenes, latent noise std {level:g}: {ok}/{args.n} pass")
+    if args.reference:
+        ref = AutoencoderKLQwenImage.from_pretrained(args.reference, use_safetensors=True).eval()
+        std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
+        rng = np.random.default_rng(args.seed + 3)
+        for kind in shapes.KINDS:
+            scenes = [shapes.sample_scene(rng, kind) for _ in range(args.n)]
+            images = [shapes.render(s) for s in scenes]
+            drift = ((encode(vae, images) - encode(ref, images)) / std).pow(2).mean().sqrt().item()
+            ok = sum(detector.check(s, detector.detect(r))
+                     for s, r in zip(scenes, round_trip(vae, images, encoder=ref)))
+            print(f"  {kind:6s}: latent drift from {args.reference} RMS {drift:.3f}; its latents through this "
+                  f"decoder pass {ok}/{args.n}")
     if args.subject:
         rng = np.random.default_rng(args.seed + 2)
         subjects = [shapes.subject_scene(rng) for _ in range(args.n)]
