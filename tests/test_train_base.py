@@ -192,7 +192,7 @@ def _extend(vae_dir: Path, run: Path, anchor: float, steps: int = 12):
     torch.manual_seed(0)
     cfg = dataclasses.replace(load_config(B.BaseTrainConfig, TINY), vae_extend_steps=steps, vae_extend_anchor=anchor,
                               checkpoint_every=100)
-    return R.extend_stage(cfg, run, R.load_vae(vae_dir)), cfg
+    return R.extend_stage(cfg, run, R.load_vae(vae_dir))
 
 
 def _world_latents(vae, n: int = 16) -> torch.Tensor:
@@ -212,8 +212,8 @@ def test_the_extend_stage_trains_both_halves_and_anchors_the_world_latents(tiny_
 
     name = "diffusion_pytorch_model.safetensors"
     source = tiny_run / "decoder" / "final"
-    anchored, cfg = _extend(source, tmp_path / "anchored", anchor=100.0)
-    free, _ = _extend(source, tmp_path / "free", anchor=0.0)
+    anchored = _extend(source, tmp_path / "anchored", anchor=100.0)
+    free = _extend(source, tmp_path / "free", anchor=0.0)
     assert (tmp_path / "anchored" / "extend" / "DONE").exists()
     before, after = load_file(str(source / name)), load_file(str(tmp_path / "anchored/extend/final" / name))
     for part in ("encoder.", "decoder."):
@@ -221,7 +221,7 @@ def test_the_extend_stage_trains_both_halves_and_anchors_the_world_latents(tiny_
     original = _world_latents(load_vae(source))
     drift = lambda vae: float((_world_latents(vae) - original).pow(2).mean().sqrt())  # noqa: E731
     assert drift(anchored) < 0.5 * drift(free)
-    again, _ = _extend(source, tmp_path / "anchored", anchor=100.0)  # done: loaded, not retrained
+    again = _extend(source, tmp_path / "anchored", anchor=100.0)  # done: loaded, not retrained
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), anchored.state_dict().values()))
 
 

@@ -128,6 +128,7 @@ class FlowModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(self.cfg.warmup, self.cfg.steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
+
 class ExtendModule(L.LightningModule):
     """Fine-tunes both halves of a trained VAE on crops of which a share are novel images, so a subject the world
     never shows (WORLD.md's checker star) can be encoded for DreamBooth and drawn back by the decoder. A flow model
