@@ -266,9 +266,14 @@ def _decoder_stage(cfg: B.BaseTrainConfig, run: Path, vae):
     crops = B.CropStream(cfg.seed + 1, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_novel)
     loader = torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch)
     fit(module, loader, cfg.decoder_steps, run / "decoder", cfg, "decoder")
-    vae = module.vae.eval().requires_grad_(False)
-    vae.save_pretrained(str(final), safe_serialization=True)
-    mark_done(run, "decoder")
+    return _finish_vae_stage(module.vae, run, "decoder")
+
+
+def _finish_vae_stage(vae, run: Path, stage: str):
+    """A fine-tuned VAE stage's result, frozen, saved to RUN/stage/final and marked done."""
+    vae = vae.eval().requires_grad_(False)
+    vae.save_pretrained(str(run / stage / "final"), safe_serialization=True)
+    mark_done(run, stage)
     return vae
 
 
@@ -284,10 +289,7 @@ def extend_stage(cfg: B.BaseTrainConfig, run: Path, vae):
     crops = B.CropStream(cfg.seed + 2, cfg.vae_crop, 2 ** cfg.vae_downsamples, cfg.vae_extend_novel, flagged=True)
     fit(module, torch.utils.data.DataLoader(crops, batch_size=cfg.vae_batch), cfg.vae_extend_steps,
         run / "extend", cfg, "extend")
-    vae = module.vae.eval().requires_grad_(False)
-    vae.save_pretrained(str(final), safe_serialization=True)
-    mark_done(run, "extend")
-    return vae
+    return _finish_vae_stage(module.vae, run, "extend")
 
 
 def _latent_stage(cfg: B.BaseTrainConfig, run: Path, vae) -> torch.Tensor:
