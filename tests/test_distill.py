@@ -180,6 +180,16 @@ def test_a_run_can_start_from_an_earlier_student_lora(qwen_dir, tmp_path):
         train_distill(run_cfg(tmp_path / "d", model=str(qwen_dir), init_lora=str(tmp_path / "none.safetensors")))
 
 
+def test_a_cosine_schedule_ends_at_a_tenth_of_both_learning_rates(qwen_dir, tmp_path):
+    train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_updates=2, lr=2e-3, fake_lr=1e-3,
+                          lr_schedule="cosine", steps=3))
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003.ckpt", map_location="cpu",
+                      weights_only=True)
+    (sched,) = ckpt["lr_schedulers"]
+    assert sched["_last_lr"] == pytest.approx([2e-4, 1e-4])
+    assert [g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"]] == pytest.approx([2e-4, 1e-4])
+
+
 def test_student_states_follow_the_students_own_euler_steps():
     vel = lambda x, s: x * s.view(-1, 1)  # noqa: E731
     sig = torch.tensor([1.0, 0.5, 0.0])
@@ -255,6 +265,8 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", states="student"))
     with pytest.raises(LightboothError, match="unknown method"):
         train_distill(run_cfg(tmp_path, model=str(sd_dir), method="magic"))
+    with pytest.raises(LightboothError, match="unknown --lr-schedule 'linear'"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), lr_schedule="linear"))
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert can_distill(Generator.load(sd_dir, device="cpu").family) and not can_distill(Family.__new__(Family))
 

@@ -183,6 +183,8 @@ def distill(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 1000)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per step (default 8)."),
     lr: Optional[float] = typer.Option(None, help="Student learning rate (default 1e-4)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant (default) or cosine (decays "
+                                              "to a tenth of the learning rates over --steps)."),
     fake_lr: Optional[float] = typer.Option(None, "--fake-lr", help="DMD fake-score learning rate."),
     fake_updates: Optional[int] = typer.Option(None, "--fake-updates", help="DMD critic updates per student update."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,15 +253,6 @@ class LatentCaptions(torch.utils.data.Dataset):
 
 def collate(items):
     return torch.stack([x for x, _ in items]), [t for _, t in items]
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up, then cosine decay to 10%."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
 
 
 def stored_copy(module: torch.nn.Module, dtype: str) -> torch.nn.Module:

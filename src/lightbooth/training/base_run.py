@@ -15,6 +15,7 @@ from ..families.qwen_vae import fast_rms_norms, single_frame_convs
 from ..safeload import load_safetensors, save_safetensors_atomic
 from . import base as B
 from .checkpoints import PeriodicCheckpoint, PlainProgress, checkpoint_steps, newest_valid_checkpoint, run_fit
+from .common import lr_lambda
 from .losses import flow_matching_loss, flow_noisy, mixed_sigmas, vae_loss
 
 
@@ -42,7 +43,7 @@ class VAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.vae_lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(100, self.cfg.vae_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, self.cfg.vae_steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
@@ -75,7 +76,7 @@ class DecoderModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.vae.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.cfg.vae_lr / 2, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(100, self.cfg.decoder_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, self.cfg.decoder_steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
@@ -125,7 +126,7 @@ class FlowModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.cfg.lr, weight_decay=0.01, betas=(0.9, 0.99))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(self.cfg.warmup, self.cfg.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg.warmup, self.cfg.steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 
@@ -163,7 +164,7 @@ class ExtendModule(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.vae.parameters(), lr=self.cfg.vae_lr / 2, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, B.lr_lambda(100, self.cfg.vae_extend_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, self.cfg.vae_extend_steps))
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
 

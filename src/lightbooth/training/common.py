@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,15 @@ import torch
 from ..errors import LightboothError
 
 LOGGERS = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10% at step `total`."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return f
 
 
 class NonFiniteLoss(LightboothError):

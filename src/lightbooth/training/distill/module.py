@@ -18,7 +18,7 @@ import torch
 
 from ...families.base import Cond
 from ...sampling import schedules
-from ..common import draw_seed, spec_loader, stop_if_not_finite
+from ..common import draw_seed, lr_lambda, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
 from . import methods
 
@@ -197,7 +197,11 @@ class DistillModule(L.LightningModule):
         fake = [p for n, p in self.denoiser.named_parameters() if f".{FAKE}." in n]
         if fake:
             groups.append({"params": fake, "lr": self.cfg.fake_lr})
-        return torch.optim.AdamW(groups, weight_decay=0.0)  # params without a gradient this step are skipped
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)  # params without a gradient this step are skipped
+        if self.cfg.lr_schedule == "constant":
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, self.cfg.steps))
+        return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def on_save_checkpoint(self, checkpoint):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}

@@ -23,6 +23,7 @@ from ..common import LOGGERS, trainable_in_fp32
 
 METHODS = ("dmd", "trajectory")
 STATES = ("teacher", "student")
+LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "logger", "threads"}
 
 
@@ -48,6 +49,7 @@ class DistillConfig:
     steps: int = 1000  # optimizer steps
     batch_size: int = 8  # prompts per step
     lr: float = 1e-4  # student LoRA
+    lr_schedule: str = "constant"  # constant, or cosine: decays to a tenth of lr (and of fake_lr) over `steps`
     fake_lr: float = 1e-4  # DMD's fake-score LoRA
     fake_updates: int = 5  # DMD: fake-score updates per student update (DMD2's two time-scale rule)
     rank: int = 16  # LoRA rank of the student (and of the fake score)
@@ -78,6 +80,8 @@ def check_config(cfg: DistillConfig) -> None:
             raise LightboothError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.shift <= 0:
         raise LightboothError(f"--shift must be positive (got {cfg.shift})")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise LightboothError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.logger not in LOGGERS:
         raise LightboothError(f"unknown logger {cfg.logger!r}; use one of {', '.join(LOGGERS)}")
     if cfg.init_lora is not None and not Path(cfg.init_lora).is_file():
