@@ -180,6 +180,24 @@ def test_a_run_can_start_from_an_earlier_student_lora(qwen_dir, tmp_path):
         train_distill(run_cfg(tmp_path / "d", model=str(qwen_dir), init_lora=str(tmp_path / "none.safetensors")))
 
 
+def test_a_fake_warmup_trains_the_critic_and_leaves_a_warm_started_student_alone(qwen_dir, tmp_path):
+    from lightbooth.lora import load_lora
+
+    first = train_distill(run_cfg(tmp_path / "a", model=str(qwen_dir), method="trajectory", lr=1e-2))
+    family = Generator.load(qwen_dir, device="cpu", fast=False).family
+    deltas = lambda p: load_lora(p, family.name, {family.denoiser_name: family.denoiser})  # noqa: E731
+    for warmup, student_moves in ((2, False), (1, True)):  # 2 steps in all, a student update on every step after
+        run = tmp_path / f"dmd{warmup}"
+        path = train_distill(run_cfg(run, model=str(qwen_dir), method="dmd", fake_updates=1, lr=1e-2, fake_lr=1e-2,
+                                     fake_warmup=warmup, init_lora=str(first)))
+        a, b = deltas(first), deltas(path)
+        same = all(torch.allclose(a[k].delta(), b[k].delta(), atol=1e-7) for k in a)
+        assert same != student_moves
+        ckpt = torch.load(run / "run" / "checkpoints" / "step-00000002.ckpt", map_location="cpu", weights_only=True)
+        fake_up = [v for k, v in ckpt["state_dict"].items() if f"lora_B.{FAKE}." in k]
+        assert fake_up and any(v.abs().max() > 0 for v in fake_up)  # the critic left its zero start either way
+
+
 def test_a_cosine_schedule_ends_at_a_tenth_of_both_learning_rates(qwen_dir, tmp_path):
     train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_updates=2, lr=2e-3, fake_lr=1e-3,
                           lr_schedule="cosine", steps=3))
@@ -267,6 +285,10 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(sd_dir), method="magic"))
     with pytest.raises(LightboothError, match="unknown --lr-schedule 'linear'"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), lr_schedule="linear"))
+    with pytest.raises(LightboothError, match="--fake-warmup applies to --method dmd only"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", fake_warmup=10))
+    with pytest.raises(LightboothError, match="--fake-warmup must be 0 or more"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), fake_warmup=-1))
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert can_distill(Generator.load(sd_dir, device="cpu").family) and not can_distill(Family.__new__(Family))
 

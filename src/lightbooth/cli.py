@@ -187,6 +187,8 @@ def distill(
                                               "to a tenth of the learning rates over --steps)."),
     fake_lr: Optional[float] = typer.Option(None, "--fake-lr", help="DMD fake-score learning rate."),
     fake_updates: Optional[int] = typer.Option(None, "--fake-updates", help="DMD critic updates per student update."),
+    fake_warmup: Optional[int] = typer.Option(None, "--fake-warmup", help="DMD: first steps that train only the "
+                                              "critic (default 0; for a warm-started student)."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: the rank)."),
     init_lora: Optional[str] = typer.Option(None, "--init-lora", help="Start the student from this LoRA (e.g. the "

@@ -155,9 +155,10 @@ class DistillModule(L.LightningModule):
         return mse(v, torch.cat(targets))
 
     def dmd_step(self, g: int, cond: Cond, uncond: Cond | None) -> torch.Tensor:
-        """One critic (fake score) update every step; a generator update every `fake_updates` steps."""
+        """One critic (fake score) update every step; a generator update every `fake_updates` steps, none in the
+        first `fake_warmup` steps."""
         n, k = len(cond.embeds), len(self.student_sigmas) - 1
-        gen_turn = g % self.cfg.fake_updates == 0
+        gen_turn = g >= self.cfg.fake_warmup and g % self.cfg.fake_updates == 0
         j = int(np.random.default_rng([self.cfg.seed, 5, g]).integers(0, k))  # which step to train (backward sim.)
         with adapter(self.denoiser, STUDENT), torch.set_grad_enabled(gen_turn):
             x0 = methods.student_sample(self.velocity(cond), self.start(g, n), self.student_sigmas.to(self.device),

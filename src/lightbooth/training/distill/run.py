@@ -52,6 +52,8 @@ class DistillConfig:
     lr_schedule: str = "constant"  # constant, or cosine: decays to a tenth of lr (and of fake_lr) over `steps`
     fake_lr: float = 1e-4  # DMD's fake-score LoRA
     fake_updates: int = 5  # DMD: fake-score updates per student update (DMD2's two time-scale rule)
+    fake_warmup: int = 0  # DMD: first steps in which only the fake score trains. It starts as the teacher's score,
+    # not the student's, so a warm-started student (`init_lora`) would otherwise be pushed by a critic of nothing
     rank: int = 16  # LoRA rank of the student (and of the fake score)
     init_lora: str | None = None  # the student starts from this LoRA file (e.g. the student of the teacher's previous
     # version, or a shorter run) instead of from zero; same targets and rank as this run's
@@ -73,6 +75,11 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.states != "teacher" and cfg.method != "trajectory":
         raise LightboothError(f"--states {cfg.states} applies to --method trajectory only (DMD always trains on the "
                               "student's own samples); drop it or pass --method trajectory")
+    if cfg.fake_warmup < 0:
+        raise LightboothError(f"--fake-warmup must be 0 or more steps (got {cfg.fake_warmup})")
+    if cfg.fake_warmup and cfg.method != "dmd":
+        raise LightboothError("--fake-warmup applies to --method dmd only (it delays the student behind DMD's fake "
+                              "score); drop it or pass --method dmd")
     if cfg.student_steps not in (1, 2, 4, 8):
         raise LightboothError(f"--student-steps must be 1, 2, 4 or 8 (got {cfg.student_steps})")
     for name in ("steps", "batch_size", "rank", "fake_updates", "checkpoint_every", "keep"):
