@@ -80,6 +80,9 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.fake_warmup and cfg.method != "dmd":
         raise LightboothError("--fake-warmup applies to --method dmd only (it delays the student behind DMD's fake "
                               "score); drop it or pass --method dmd")
+    if cfg.fake_warmup and cfg.fake_warmup >= cfg.steps:
+        raise LightboothError(f"--fake-warmup {cfg.fake_warmup} leaves the student no step of --steps {cfg.steps}; "
+                              "pass a smaller --fake-warmup or more --steps")
     if cfg.student_steps not in (1, 2, 4, 8):
         raise LightboothError(f"--student-steps must be 1, 2, 4 or 8 (got {cfg.student_steps})")
     for name in ("steps", "batch_size", "rank", "fake_updates", "checkpoint_every", "keep"):
