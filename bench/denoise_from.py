@@ -1,6 +1,7 @@
 """Which noise levels a flow model has learnt: noise real scenes to level s, denoise them back, check what survives.
 
-    python bench/denoise_from.py --model src/lightbooth/builtin/model --n 24
+    python bench/denoise_from.py --model src/lightbooth/builtin/model --n 24 [--kinds single,pair,count,subject]
+        [--lora RUN/lora.safetensors] [--token qzx]
 
 Scenes of each kind are rendered, encoded by the model's VAE, noised to flow level s (x_s = (1-s) x0 + s eps),
 denoised with the model from s to 0 (flow Euler, 20 evenly spaced steps, CFG at the model's default scale, the
@@ -8,6 +9,8 @@ scene's own English caption) and checked with the `lightbooth eval` detector. s 
 s = 1 is ordinary generation. `--mse` adds, per kind, the model's one-step velocity error at each level (mean
 squared error per latent value, the prompt without CFG: the training loss at that level, on unseen scenes). A
 model that fails already at small s has not learnt the low-noise end, where edges and small shapes are refined.
+The kind `subject` is Subject A (the checker star) prompted as "a TOKEN star" in its cell and background, as
+`bench/dreambooth_subject.py` asks for it: with a DreamBooth `--lora`, which levels the personalized model keeps it at.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from dreambooth_subject import context_prompt  # noqa: E402
 from lightbooth.data import shapes  # noqa: E402
 from lightbooth.eval import detector  # noqa: E402
 
@@ -34,6 +39,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--mse", action="store_true", help="also print the velocity error per level")
+    ap.add_argument("--kinds", default=",".join(shapes.KINDS), help="scene kinds, and/or subject (Subject A)")
+    ap.add_argument("--lora", action="append", default=[], help="LoRA file to apply (repeat for several)")
+    ap.add_argument("--token", default="qzx", help="the subject's token, for the kind subject")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -42,16 +50,20 @@ def main(argv=None) -> int:
     from lightbooth.images import to_pil
     from lightbooth.sampling import samplers
 
-    gen = Generator.load(args.model, device="cpu", dtype=torch.float32, preset="base")  # the plain model
+    gen = Generator.load(args.model, loras=args.lora, device="cpu", dtype=torch.float32, preset="base")
     fam, guidance = gen.family, gen.settings().preset.guidance
     levels = [float(v) for v in args.levels.split(",")]
     rng = np.random.default_rng(args.seed)
-    print(f"model {args.model or 'built-in'}; {args.n} scenes per kind; {args.steps} Euler steps from s; "
+    print(f"model {args.model or 'built-in'} {' '.join(args.lora)}; {args.n} scenes per kind; {args.steps} Euler steps from s; "
           f"CFG {guidance}")
     print("kind   " + " ".join(f"s={s:<5}" for s in levels))
-    for kind in shapes.KINDS:
-        scenes = [shapes.sample_scene(rng, kind) for _ in range(args.n)]
-        captions = [shapes.caption(s, "en", rng) for s in scenes]
+    for kind in args.kinds.split(","):
+        if kind == "subject":
+            scenes = [shapes.subject_scene(rng) for _ in range(args.n)]
+            captions = [context_prompt(args.token, s.objects[0].cell, s.background) for s in scenes]
+        else:
+            scenes = [shapes.sample_scene(rng, kind) for _ in range(args.n)]
+            captions = [shapes.caption(s, "en", rng) for s in scenes]
         pixels = torch.from_numpy(np.stack([np.asarray(shapes.render(s), dtype=np.float32) for s in scenes]))
         with torch.inference_mode():
             x0 = pack(fam.encode_images(pixels.permute(0, 3, 1, 2) / 127.5 - 1))
@@ -70,7 +82,8 @@ def main(argv=None) -> int:
                     x = samplers.flow_euler(lambda xt, i: fam.velocity(xt, cond, sigmas[i], 64, 64, uncond, guidance),
                                             x, sigmas, None)
                 images = to_pil(fam.decode(x, 64, 64))
-                ok = sum(not detector.mismatches(sc, detector.detect(im)) for sc, im in zip(scenes, images))
+                ok = sum(detector.is_checker_star(im, sc.objects[0].cell, sc.background) if kind == "subject" else
+                         not detector.mismatches(sc, detector.detect(im)) for sc, im in zip(scenes, images))
                 row.append(f"{100 * ok / len(scenes):4.0f}% ")
         print(f"{kind:6} " + " ".join(row), flush=True)
         if err:

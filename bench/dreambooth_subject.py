@@ -13,7 +13,7 @@ in varied cells and backgrounds and `--n` of plain "a star", and score them with
 The base model without a LoRA is scored too, as the reference for leakage and diversity.
 
     python bench/dreambooth_subject.py --out runs/bench-dreambooth [--steps 400] [--lr 1e-4] [--rank 4] [--full]
-        [--images 5] [--n 64] [--model DIR] [--threads 0]
+        [--images 5] [--n 64] [--model DIR] [--threads 0] [--batch-size 1] [--noise-shift 1] [--runs prior,no-prior]
 
 `--model` scores another qwen-image model folder (a candidate built-in model, before it is shipped).
 """
@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--full", action="store_true", help="Full fine-tune instead of LoRA.")
+    ap.add_argument("--batch-size", type=int, default=1, help="instance images per step (as many class images)")
+    ap.add_argument("--noise-shift", type=float, default=1.0, help="shift on training noise levels (< 1: low noise)")
+    ap.add_argument("--runs", default="prior,no-prior", help="which trainings: prior, no-prior or both")
     ap.add_argument("--images", type=int, default=5)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
@@ -131,11 +134,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     instance_images(args.out / "instance", args.images, args.seed)
     rows = {"base model": score(Generator.load(args.model, device="cpu", preset=args.preset), "qzx", args.n)}
-    for prior in (True, False):
+    for prior in [r == "prior" for r in args.runs.split(",")]:
         name = "with prior" if prior else "without prior"
         cfg = DreamBoothConfig(instance_dir=str(args.out / "instance"), class_noun="star", model=args.model,
                                out=str(args.out / ("prior" if prior else "no-prior")), steps=args.steps, lr=args.lr,
                                rank=args.rank, full=args.full, prior=prior, validation_prompt=[], logger="none",
+                               batch_size=args.batch_size, noise_shift=args.noise_shift,
                                seed=args.seed, threads=args.threads)
         t0 = time.time()
         result = train_dreambooth(cfg, overwrite=True)
@@ -144,7 +148,8 @@ def main() -> None:
             Generator.load(args.model, device="cpu", loras=[str(result)], preset=args.preset)
         rows[name] = {**score(gen, cfg.token, args.n), "train_s": seconds}
     what = "full fine-tune" if args.full else f"LoRA rank {args.rank}"
-    print(f"\nSubject A, {args.images} instance images, {args.steps} steps, lr {args.lr}, {what}, "
+    print(f"\nSubject A, {args.images} instance images, {args.steps} steps of batch {args.batch_size}, lr {args.lr}, "
+          f"noise shift {args.noise_shift}, {what}, "
           f"{args.n} images per prompt set, preset {args.preset}")
     print("detector (strict shapes) | lenient colour reading of blobs")
     print("| model | fidelity | subject at all | leakage into 'a star' | colours of 'a star' | yellow+teal in "

@@ -382,6 +382,7 @@ def test_bad_instance_folders_are_one_line_errors(qwen_dir, tmp_path, capsys):
     (["--cuda-graphs", "--compile"], "drop --compile"),
     (["--cuda-graphs", "--grad-accum", 2], "one backward per step"),
     (["--resolution", 60], "multiple of 8"),
+    (["--noise-shift", 0], "'noise_shift' must be positive"),
 ])
 def test_bad_settings_are_one_line_errors(qwen_dir, instance_dir, tmp_path, capsys, args, needle):
     code, _, err = db(capsys, *fast(qwen_dir, instance_dir, tmp_path / "run", *args))

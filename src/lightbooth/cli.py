@@ -132,6 +132,8 @@ def dreambooth(
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 400)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (default 1e-4)."),
     warmup: Optional[int] = typer.Option(None, help="Linear LR warm-up steps."),
+    noise_shift: Optional[float] = typer.Option(None, "--noise-shift",
+                                                help="Shift on training noise levels: < 1 more low noise (detail)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Instance images per step."),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation batches."),
     precision: Optional[str] = typer.Option(None, help="32-true, bf16-mixed, 16-mixed (default: auto)."),

@@ -55,6 +55,8 @@ class DreamBoothConfig:
     steps: int = 400  # optimizer steps
     lr: float = 1e-4
     warmup: int = 0  # linear LR warm-up steps, then constant
+    noise_shift: float = 1.0  # shift on training noise levels, on top of the model's own: < 1 trains more at low
+    # noise (fine detail, textures), > 1 more at high noise (layout, colour); 1: the model's own distribution
     batch_size: int = 1  # instance images per step (as many class images again with prior preservation)
     grad_accum: int = 1
     precision: str = "auto"  # Lightning precision; auto: bf16-mixed on GPU, 32-true on CPU
@@ -93,8 +95,8 @@ def check_config(cfg: DreamBoothConfig) -> None:
         # one replay per step, its gradients read before the next (accumulating would reuse the graph's buffers)
         raise LightboothError("--cuda-graphs records the denoiser alone on one GPU, one backward per step; drop "
                               "--compile, --train-text-encoder, --grad-accum and --devices, or drop --cuda-graphs")
-    if cfg.lr <= 0 or cfg.prior_loss_weight < 0:
-        raise LightboothError("'lr' must be positive and 'prior_loss_weight' not negative")
+    if cfg.lr <= 0 or cfg.prior_loss_weight < 0 or cfg.noise_shift <= 0:
+        raise LightboothError("'lr' and 'noise_shift' must be positive and 'prior_loss_weight' not negative")
     if cfg.batch_size % cfg.devices:
         raise LightboothError(f"batch_size {cfg.batch_size} must be a multiple of devices {cfg.devices} (each "
                               "process takes an equal share of the global batch)")

@@ -21,7 +21,7 @@ from ..accel.graphs import GraphedForwardBackward
 from ..errors import LightboothError
 from ..families.base import Cond
 from .common import StepEnd, draw_seed, spec_loader, stop_if_not_finite
-from .losses import prior_preservation_loss
+from .losses import prior_preservation_loss, shifted_sigmas
 
 
 def draws(seed: int, batch: int, position: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +140,9 @@ class DreamBoothModule(L.LightningModule):
         for group in shapes.values():
             x0 = torch.stack([z for z, *_ in group]).to(self.device)  # (b, C, h, w)
             noise, u = zip(*(draws(self.cfg.seed, g, pos, x0.shape[1:]) for _, _, pos, _ in group))
+            u = shifted_sigmas(torch.stack(u), self.cfg.noise_shift)  # shifts compose: the family's comes on top
             losses.append(self.family.training_loss(denoiser, x0, self.encode([p for _, p, _, _ in group]),
-                                                    torch.stack(noise).to(x0), torch.stack(u).to(self.device)))
+                                                    torch.stack(noise).to(x0), u.to(self.device)))
             is_class += [c for *_, c in group]
         loss = prior_preservation_loss(torch.cat(losses), torch.tensor(is_class, device=self.device),
                                        self.cfg.prior_loss_weight)
