@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     fam, guidance = gen.family, gen.settings().preset.guidance
     levels = [float(v) for v in args.levels.split(",")]
     rng = np.random.default_rng(args.seed)
-    print(f"model {args.model or 'built-in'} {' '.join(args.lora)}; {args.n} scenes per kind; {args.steps} Euler steps from s; "
-          f"CFG {guidance}")
+    print(f"model {args.model or 'built-in'} {' '.join(args.lora)}; {args.n} scenes per kind; {args.steps} Euler "
+          f"steps from s; CFG {guidance}")
     print("kind   " + " ".join(f"s={s:<5}" for s in levels))
     for kind in args.kinds.split(","):
         if kind == "subject":

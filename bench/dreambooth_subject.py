@@ -130,11 +130,14 @@ def main() -> None:
                     "the built-in model's default 4-step preset stacks the DreamBooth LoRA on its distilled one)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for training and scoring; 0: all cores")
     args = ap.parse_args()
+    runs = args.runs.split(",")
+    if not runs or set(runs) - {"prior", "no-prior"}:
+        ap.error(f"--runs takes prior, no-prior or both, comma-separated (got {args.runs!r})")
     if args.threads:
         torch.set_num_threads(args.threads)
     instance_images(args.out / "instance", args.images, args.seed)
     rows = {"base model": score(Generator.load(args.model, device="cpu", preset=args.preset), "qzx", args.n)}
-    for prior in [r == "prior" for r in args.runs.split(",")]:
+    for prior in [r == "prior" for r in runs]:
         name = "with prior" if prior else "without prior"
         cfg = DreamBoothConfig(instance_dir=str(args.out / "instance"), class_noun="star", model=args.model,
                                out=str(args.out / ("prior" if prior else "no-prior")), steps=args.steps, lr=args.lr,
