@@ -314,6 +314,38 @@ def test_distill_command_line_runs_and_rejects_bad_input_in_one_line(qwen_dir, t
     assert "unknown method" in capsys.readouterr().err and (run / "lora.safetensors").is_file()
 
 
+def test_distill_refuses_bad_prompts_files_starting_loras_and_numbers_before_touching_the_run(qwen_dir, tmp_path):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("\n  \n")
+    binary.write_bytes(b"\xff\xfe a red circle\n")
+    refused = [(dict(prompts_file=str(empty)), "has no prompts"), (dict(prompts_file=str(binary)), "UTF-8"),
+               (dict(prompts_file=str(tmp_path / "none.txt")), "not found"), (dict(lr=-1.0), "--lr must be 0 or more"),
+               (dict(fake_lr=-1.0), "--fake-lr must be 0 or more"), (dict(alpha=-1.0), "--alpha must be positive"),
+               (dict(seed=-1), "--seed must be 0 or more"), (dict(threads=-1), "--threads must be 0 or more")]
+    for kw, needle in refused:
+        with pytest.raises(LightboothError, match=needle):
+            train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", **kw))
+    first = train_distill(run_cfg(tmp_path, out=str(tmp_path / "first"), model=str(qwen_dir), method="trajectory",
+                                  steps=1))
+    with pytest.raises(LightboothError, match="has rank 4 but the run trains rank 8; pass --rank 4"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", rank=8, init_lora=str(first)))
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(LightboothError, match="not a readable training checkpoint"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory"),
+                      resume=str(tmp_path / "truncated.ckpt"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    # --overwrite of a run folder that holds this run's own starting LoRA would delete it: refused, the file kept
+    with pytest.raises(LightboothError, match="--overwrite would delete"):
+        train_distill(run_cfg(tmp_path, out=str(tmp_path / "first"), model=str(qwen_dir), method="trajectory",
+                              init_lora=str(first)), overwrite=True)
+    assert first.is_file()
+    # a checkpoint of another run (here: of rank 4, into a rank-8 run) is refused, not silently half-loaded
+    ckpt = sorted((tmp_path / "first" / "checkpoints").glob("step-*.ckpt"))[-1]
+    with pytest.raises(LightboothError, match="holds other weights than this run trains"):
+        train_distill(run_cfg(tmp_path, out=str(tmp_path / "other"), model=str(qwen_dir), method="trajectory",
+                              rank=8), resume=str(ckpt))
+
+
 # --- Stable Diffusion: the UNet as a rectified flow ------------------------------------------------------------------
 def _ddpm_x0(family, out, x, a):
     """The UNet's own clean estimate, written out from the DDPM definitions (Ho et al. eq. 4; Salimans & Ho sec. 4)."""

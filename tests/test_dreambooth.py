@@ -383,6 +383,14 @@ def test_bad_instance_folders_are_one_line_errors(qwen_dir, tmp_path, capsys):
     (["--cuda-graphs", "--grad-accum", 2], "one backward per step"),
     (["--resolution", 60], "multiple of 8"),
     (["--noise-shift", 0], "'noise_shift' must be positive"),
+    (["--threads", -1], "'threads' must be 0 or more"),
+    (["--seed", -1], "'seed' must be 0 or more"),
+    (["--warmup", -1], "'warmup' must be 0 or more"),
+    (["--alpha", -2], "'alpha' must be positive"),
+    (["--validation-steps", 0], "'validation_steps' must be at least 1"),
+    (["--precision", "fp17"], "unknown precision 'fp17'"),
+    (["--strategy", "magic"], "unknown strategy 'magic'"),
+    (["--class-preset", "nope"], "unknown class preset 'nope'"),
 ])
 def test_bad_settings_are_one_line_errors(qwen_dir, instance_dir, tmp_path, capsys, args, needle):
     code, _, err = db(capsys, *fast(qwen_dir, instance_dir, tmp_path / "run", *args))
@@ -404,6 +412,77 @@ def test_unknown_config_key_and_existing_run_folder(qwen_dir, instance_dir, tmp_
     code, _, err = db(capsys, *fast(qwen_dir, instance_dir, run, "--resume", tmp_path / "step-00000009.ckpt"))
     assert "not found" in one_line(code, err)
     assert (run / "precious.txt").read_text() == "keep" and len(list(run.iterdir())) == 1
+
+
+def test_config_values_are_type_checked_and_yaml_1_1_floats_read_as_numbers():
+    from lightbooth.config import from_dict
+    from lightbooth.errors import LightboothError
+
+    base = dict(instance_dir="i", class_noun="star", out="o")
+    for bad, needle in ((dict(alpha="abc"), "'alpha' of DreamBoothConfig must be a number"),
+                        (dict(resolution="abc"), "'resolution' of DreamBoothConfig must be a whole number"),
+                        (dict(steps=True), "'steps' of DreamBoothConfig must be a whole number"),
+                        (dict(lr=float("nan")), "'lr' of DreamBoothConfig must be a finite number"),
+                        (dict(steps=None), "'steps' of DreamBoothConfig must be a value"),
+                        (dict(export=[3]), "'export' of DreamBoothConfig must be text")):
+        with pytest.raises(LightboothError, match=needle):
+            from_dict(DreamBoothConfig, {**base, **bad})
+    cfg = from_dict(DreamBoothConfig, {**base, "lr": "1e-4", "export": "kohya", "validation_prompt": "a qzx star",
+                                       "alpha": 2, "resolution": None})
+    assert (cfg.lr, cfg.export, cfg.validation_prompt, cfg.alpha, cfg.resolution) == (
+        1e-4, ["kohya"], ["a qzx star"], 2.0, None)
+
+
+def test_bad_config_files_captions_and_checkpoints_are_one_line_errors(qwen_dir, instance_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    for name, text in (("binary.yaml", b"\xff\xfe\x00steps"), ("list.yaml", b"- steps\n- 3\n")):
+        (tmp_path / name).write_bytes(text)
+        code, _, err = db(capsys, "--config", tmp_path / name, *fast(qwen_dir, instance_dir, run))
+        assert name in one_line(code, err)
+    captioned = tmp_path / "captioned"
+    shutil.copytree(instance_dir, captioned)
+    (captioned / "0.txt").write_bytes(b"\xffa qzx star")
+    code, _, err = db(capsys, *fast(qwen_dir, captioned, run))
+    assert "cannot read caption" in one_line(code, err)
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 not a whole zip")
+    torch.save({"x": torch.zeros(1), "run": os.system}, tmp_path / "code.ckpt")  # unpickling it would import code
+    torch.save({"x": torch.zeros(1)}, tmp_path / "tensors.ckpt")
+    for name, needle in (("truncated.ckpt", "not a readable training checkpoint"),
+                         ("code.ckpt", "not a readable training checkpoint"),
+                         ("tensors.ckpt", "not a training checkpoint")):
+        code, _, err = db(capsys, *fast(qwen_dir, instance_dir, run, "--resume", tmp_path / name))
+        assert needle in one_line(code, err)
+    assert not run.exists()  # refused before the run folder was made
+
+
+def test_resume_from_another_runs_checkpoint_and_overwrite_of_its_own_inputs_are_refused(qwen_dir, tmp_path,
+                                                                                         capsys):
+    run = tmp_path / "run"
+    images = run / "images"  # the user keeps the photos inside the run folder
+    images.mkdir(parents=True)
+    for i in range(3):
+        shapes.render_subject(rng=np.random.default_rng(i)).save(images / f"{i}.png")
+    code, _, err = db(capsys, *fast(qwen_dir, images, run, "--overwrite", "--steps", 1, "--no-prior"))
+    assert "--overwrite would delete" in one_line(code, err)
+    assert sorted(p.name for p in images.iterdir()) == ["0.png", "1.png", "2.png"]
+    first = tmp_path / "first"
+    code, _, err = db(capsys, *fast(qwen_dir, images, first, "--steps", 1, "--no-prior", "--validation-prompt", ""))
+    assert code == 0, err
+    (ckpt,) = [p for _, p in checkpoint_steps(first / "checkpoints")]
+    code, _, err = db(capsys, *fast(qwen_dir, images, tmp_path / "other", "--steps", 2, "--no-prior", "--rank", 2,
+                                    "--validation-prompt", "", "--resume", ckpt))
+    assert "holds other weights than this run trains" in one_line(code, err)
+
+
+def test_the_builtin_model_validates_with_its_plain_preset(instance_dir, tmp_path, capsys):
+    """The built-in model's default preset fuses a distilled LoRA, which the trained model does not have."""
+    run = tmp_path / "run"
+    code, _, err = db(capsys, "--instance-dir", instance_dir, "--class-noun", "star", "--out", run, "--steps", 1,
+                      "--no-prior", "--logger", "none", "--validation-steps", 1)
+    assert code == 0, err
+    assert (run / "lora.safetensors").is_file() and (run / "validation/step-00000001/00.png").is_file()
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(qwen_dir, instance_dir, runs, capsys):

@@ -131,6 +131,18 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("override", [["--steps", "0"], ["--steps", "-5"]])
+def test_counts_below_their_minimum_are_refused_before_anything_runs(tmp_path, capsys, override):
+    zero = tmp_path / "zero.yaml"
+    zero.write_text(TINY.read_text().replace("checkpoint_every: 3", "checkpoint_every: 0"))
+    for config, extra in ((TINY, override), (zero, [])):
+        assert main(["train-base", "--config", str(config), "--out", str(tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "at least" in lines[0] and "Traceback" not in err, err
+        assert not (tmp_path / "r").exists()
+
+
 def test_anchor_phase_is_single_scenes_captioned_in_full_with_one_template_then_everything():
     from lightbooth.data import shapes
     from lightbooth.families.qwen_image import pack

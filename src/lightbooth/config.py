@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,17 +17,47 @@ from .errors import LightboothError
 C = TypeVar("C")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # YAML 1.1 reads 1e-4 (no dot) as text
+
+
 def _coerce(cls, name: str, value: Any, hint) -> Any:
-    origin = typing.get_origin(hint)
-    if hint in (int, float, str, bool) and value is not None:
-        if hint is bool and not isinstance(value, bool):
-            raise LightboothError(f"config key '{name}' of {cls.__name__} must be true or false, got {value!r}")
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    """`value` as the type `hint` asks for, or a one-line error naming the key (None only where the key allows it)."""
+    def wrong(what: str) -> LightboothError:
+        return LightboothError(f"config key '{name}' of {cls.__name__} must be {what}, got {value!r}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(cls, name, value, inner[0]) if len(inner) == 1 else value
+    if value is None:
+        raise wrong(f"a value of type {getattr(hint, '__name__', hint)} (leave the key out for its default)")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint in (int, float):
+        if hint is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if hint is float else int):
+            raise wrong("a number" if hint is float else "a whole number")
+        if hint is float:
+            if not math.isfinite(value):
+                raise wrong("a finite number")
             return float(value)
-        if not isinstance(value, hint):
-            raise LightboothError(f"config key '{name}' of {cls.__name__} must be {hint.__name__}, got {value!r}")
-    if origin in (tuple, list) and isinstance(value, list):
-        return tuple(value) if origin is tuple else list(value)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong("text")
+        return value
+    if origin in (tuple, list):
+        items = [value] if isinstance(value, str) else value  # one item may be given without a list
+        if not isinstance(items, (list, tuple)):
+            raise wrong("a list")
+        if len(args) == 1 or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+            items = [_coerce(cls, name, v, args[0]) for v in items]
+        return tuple(items) if origin is tuple else list(items)
     return value
 
 
@@ -53,6 +86,12 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise LightboothError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LightboothError(f"cannot read config file {p} ({getattr(e, 'strerror', None) or e.reason}); pass "
+                                  "a readable UTF-8 YAML file") from None
+        if not isinstance(data, dict):
+            raise LightboothError(f"config file {p} must be a mapping of keys to values ('key: value' lines), not "
+                                  f"a {type(data).__name__}")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(cls, data, str(path or "options"))
 

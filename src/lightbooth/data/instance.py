@@ -82,7 +82,11 @@ def load_instance_images(folder: str | Path, min_images: int = MIN_IMAGES) -> li
                   file=sys.stderr)
         seen.setdefault(digest, path.name)
         caption_file = path.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        try:
+            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        except (OSError, UnicodeDecodeError) as e:
+            raise LightboothError(f"cannot read caption {caption_file} ({getattr(e, 'strerror', None) or e.reason}); "
+                                  "save it as UTF-8 text or remove it") from None
         out.append(InstanceImage(path, im, caption or None))
     if small:
         raise LightboothError(f"images under {MIN_SIDE} px on a side in {folder}: {', '.join(small)}; "

@@ -292,4 +292,16 @@ def prepare_run(run: Path, cfg: BaseTrainConfig, resume: bool, overwrite: bool) 
 
     if cfg.transformer_dtype not in ("float32", "float16", "bfloat16"):
         raise LightboothError(f"transformer_dtype must be float32, float16 or bfloat16 (got {cfg.transformer_dtype!r})")
+    for least, keys in ((1, POSITIVE_KEYS), (0, NON_NEGATIVE_KEYS)):
+        for key in keys:
+            if getattr(cfg, key) < least:
+                raise LightboothError(f"{key} must be at least {least} (got {getattr(cfg, key)}); fix it in the "
+                                      "config or the flag")
     prepare_run_folder(run, cfg, resume, overwrite, RESUMABLE_CHANGES)
+
+
+# counts the stages divide by or loop over: checked before anything is trained or written
+POSITIVE_KEYS = ("steps", "vae_steps", "vae_batch", "vae_crop", "batch", "checkpoint_every", "keep_checkpoints",
+                 "latent_cache", "dim", "layers", "text_dim", "text_layers", "vocab_size", "vae_base_dim", "vae_z_dim",
+                 "default_steps")
+NON_NEGATIVE_KEYS = ("threads", "decoder_steps", "vae_extend_steps", "anchor_steps", "warmup", "vae_downsamples")

@@ -36,6 +36,34 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def check_checkpoint(path: Path) -> None:
+    """`--resume PATH`: a one-line error unless `path` is a readable training checkpoint (read as tensors and plain
+    data only, memory-mapped, so nothing in it runs and a large one costs no memory)."""
+    from ..errors import LightboothError
+
+    hint = "pass a step-*.ckpt file from a run's checkpoints folder, or --resume auto"
+    if not path.is_file():
+        raise LightboothError(f"checkpoint {path} not found; {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a torch zip, truncated, or holding objects other than tensors and plain data
+        raise LightboothError(f"{path} is not a readable training checkpoint ({type(e).__name__}); {hint}") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "global_step"} <= set(ckpt):
+        raise LightboothError(f"{path} is not a training checkpoint (no training state in it); {hint}")
+
+
+def check_checkpoint_weights(module: L.LightningModule, checkpoint: dict) -> None:
+    """In `on_load_checkpoint` (before any weight is loaded): the checkpoint must hold exactly the weights this run
+    trains, name for name and shape for shape, not another kind of run's or another rank's."""
+    from ..errors import LightboothError
+
+    own = {n: tuple(p.shape) for n, p in module.named_parameters() if p.requires_grad}
+    got = checkpoint.get("state_dict", {})
+    if set(got) != set(own) or any(tuple(v.shape) != own[k] for k, v in got.items()):
+        raise LightboothError("the checkpoint holds other weights than this run trains (another kind of run, or "
+                              "another --rank, --lora-targets or model); resume from this run's own checkpoints")
+
+
 def save_atomic(trainer: L.Trainer, path: Path) -> None:
     """Every process must call this (saving is a collective in Lightning); the global-zero process writes."""
     tmp = path.with_name(f".tmp-{path.name}")
@@ -108,9 +136,11 @@ def run_fit(trainer: L.Trainer, module: L.LightningModule, ckpt: PeriodicCheckpo
         raise SystemExit(130)
 
 
-def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change: frozenset[str] | set[str]) -> None:
+def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change: frozenset[str] | set[str],
+                       inputs=()) -> None:
     """Refuse to touch an existing run unless asked; on resume the saved config must agree except `may_change`;
-    save the resolved config as run/config.yaml."""
+    save the resolved config as run/config.yaml. `inputs`: paths the run reads (images, LoRAs, a model), which
+    --overwrite must not delete with the old run."""
     import dataclasses
     import shutil
 
@@ -123,6 +153,10 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
         if not (resume or overwrite):
             raise LightboothError(f"run folder {run} already exists; pass --resume to continue it or --overwrite "
                                   "to start again")
+        for p in inputs if overwrite and not resume else ():
+            if p and Path(p).exists() and Path(p).resolve().is_relative_to(run.resolve()):
+                raise LightboothError(f"--overwrite would delete {p}, which this run reads, with the old run in "
+                                      f"{run}; move it out of the run folder first or pick another --out")
         if overwrite and not resume:
             shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,8 @@ from .common import LOGGERS, trainable_in_fp32
 
 DEFAULT_TOKEN = "qzx"  # not an English word and rare in any caption corpus; "sks" is a rifle and a common token
 EXPORTS = ("kohya",)
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16",
+              "64", "transformer-engine", "transformer-engine-float16")  # what Lightning's Trainer takes
 # keys that may differ when resuming a run: how long and how it is watched, not what it trains on
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "validate_every", "validation_prompt", "logger", "export",
                      "devices", "strategy", "threads", "compile", "cuda_graphs"}
@@ -97,6 +99,21 @@ def check_config(cfg: DreamBoothConfig) -> None:
                               "--compile, --train-text-encoder, --grad-accum and --devices, or drop --cuda-graphs")
     if cfg.lr <= 0 or cfg.prior_loss_weight < 0 or cfg.noise_shift <= 0:
         raise LightboothError("'lr' and 'noise_shift' must be positive and 'prior_loss_weight' not negative")
+    for key in ("warmup", "validate_every", "seed", "threads"):
+        if getattr(cfg, key) < 0:
+            raise LightboothError(f"'{key}' must be 0 or more (got {getattr(cfg, key)})")
+    if cfg.alpha is not None and cfg.alpha <= 0:
+        raise LightboothError(f"'alpha' must be positive (got {cfg.alpha}); leave it out to use the rank")
+    if cfg.validation_steps is not None and cfg.validation_steps < 1:
+        raise LightboothError(f"'validation_steps' must be at least 1 (got {cfg.validation_steps})")
+    if cfg.precision not in PRECISIONS:
+        raise LightboothError(f"unknown precision {cfg.precision!r}; use auto, 32-true, bf16-mixed or 16-mixed")
+    if cfg.strategy != "auto":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if cfg.strategy not in StrategyRegistry:
+            raise LightboothError(f"unknown strategy {cfg.strategy!r}; use auto, ddp, ddp_spawn or another "
+                                  "Lightning strategy name")
     if cfg.batch_size % cfg.devices:
         raise LightboothError(f"batch_size {cfg.batch_size} must be a multiple of devices {cfg.devices} (each "
                               "process takes an equal share of the global batch)")
@@ -132,7 +149,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     from ..data.instance import load_instance_images
     from ..generate import Generator
     from ..models import resolve_model
-    from .checkpoints import newest_valid_checkpoint, prepare_run_folder
+    from .checkpoints import check_checkpoint, newest_valid_checkpoint, prepare_run_folder
 
     check_config(cfg)
     if cfg.threads:
@@ -153,9 +170,11 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     ckpt_path = None
     if resume not in (None, "auto"):
         ckpt_path = Path(resume)
-        if not ckpt_path.is_file():
-            raise LightboothError(f"checkpoint {ckpt_path} not found; pass --resume auto or a step-*.ckpt file")
-    prepare_run_folder(run, cfg, resume is not None, overwrite, RESUMABLE_CHANGES)
+        check_checkpoint(ckpt_path)
+    if cfg.prior:
+        class_preset_name(cfg, family)
+    prepare_run_folder(run, cfg, resume is not None, overwrite, RESUMABLE_CHANGES,
+                       inputs=(cfg.instance_dir, cfg.class_dir, cfg.model))
     if resume == "auto":
         ckpt_path = newest_valid_checkpoint(run / "checkpoints")
 
@@ -175,15 +194,20 @@ def training_side(cfg: DreamBoothConfig, family) -> int:
     return side
 
 
+def class_preset_name(cfg: DreamBoothConfig, family) -> str:
+    name = cfg.class_preset or ("fast" if "fast" in family.presets else family.default_preset)
+    if name not in family.presets:
+        raise LightboothError(f"unknown class preset {name!r}; choose one of {', '.join(family.presets)}")
+    return name
+
+
 def class_image_paths(cfg: DreamBoothConfig, gen, model_path: Path, run: Path) -> list[Path]:
     """Generate (or reuse) the class images with the base model, before any LoRA touches it."""
     from ..data.class_images import class_settings, default_class_dir, ensure_class_images
     from ..generate import Generator
 
     fam = gen.family
-    name = cfg.class_preset or ("fast" if "fast" in fam.presets else fam.default_preset)
-    if name not in fam.presets:
-        raise LightboothError(f"unknown class preset {name!r}; choose one of {', '.join(fam.presets)}")
+    name = class_preset_name(cfg, fam)
     preset, side = fam.presets[name], training_side(cfg, fam)
     settings = class_settings(str(model_path.resolve()), fill(cfg.class_prompt, cfg), name, preset.steps,
                               preset.guidance, side, side)
@@ -290,6 +314,8 @@ def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, 
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp_spawn" if cfg.devices > 1 else "auto")
     ckpt = PeriodicCheckpoint(run / "checkpoints", cfg.checkpoint_every, cfg.keep)
     val_settings = {"steps": cfg.validation_steps} if cfg.validation_steps else {}
+    if family.presets[family.default_preset].lora:  # the model trains without the preset's own LoRA: sample it plain
+        val_settings["preset"] = "base"
     validation = Validation(run / "validation", validation_prompts(cfg), cfg.validate_every, cfg.seed, val_settings,
                             val_conds)
     tty = sys.stderr.isatty()

@@ -20,6 +20,7 @@ import torch
 from ..accel.graphs import GraphedForwardBackward
 from ..errors import LightboothError
 from ..families.base import Cond
+from .checkpoints import check_checkpoint_weights
 from .common import StepEnd, draw_seed, spec_loader, stop_if_not_finite
 from .losses import prior_preservation_loss, shifted_sigmas
 
@@ -174,6 +175,7 @@ class DreamBoothModule(L.LightningModule):
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def on_load_checkpoint(self, checkpoint):
+        check_checkpoint_weights(self, checkpoint)
         state = checkpoint.get("dreambooth", {})
         if state.get("seed", self.cfg.seed) != self.cfg.seed:
             raise LightboothError("the checkpoint was made with another seed; resume with the run's own config")

@@ -18,6 +18,7 @@ import torch
 
 from ...families.base import Cond
 from ...sampling import schedules
+from ..checkpoints import check_checkpoint_weights
 from ..common import draw_seed, lr_lambda, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
 from . import methods
@@ -208,10 +209,22 @@ class DistillModule(L.LightningModule):
         keep = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    def on_load_checkpoint(self, checkpoint):
+        check_checkpoint_weights(self, checkpoint)
+
 
 def read_prompts(path: str | None) -> list[str] | None:
+    """The prompts of a prompts file (None: none given); one-line errors for an unreadable or empty file."""
     if not path:
         return None
     from ...batch import prompt_lines
+    from ...errors import LightboothError
 
-    return list(prompt_lines(Path(path)))
+    try:
+        prompts = list(prompt_lines(Path(path)))
+    except (OSError, UnicodeDecodeError) as e:
+        raise LightboothError(f"cannot read prompts file {path} ({getattr(e, 'strerror', None) or e.reason}); pass "
+                              "a UTF-8 text file with one prompt per line") from None
+    if not prompts:
+        raise LightboothError(f"prompts file {path} has no prompts; put one prompt per line")
+    return prompts

@@ -90,6 +90,14 @@ def check_config(cfg: DistillConfig) -> None:
             raise LightboothError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.shift <= 0:
         raise LightboothError(f"--shift must be positive (got {cfg.shift})")
+    for name in ("lr", "fake_lr"):  # 0 is allowed: it exports an --init-lora untouched (under another --alpha)
+        if getattr(cfg, name) < 0:
+            raise LightboothError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
+    if cfg.alpha is not None and cfg.alpha <= 0:
+        raise LightboothError(f"--alpha must be positive (got {cfg.alpha}); leave it out to use the rank")
+    for name in ("seed", "threads"):
+        if getattr(cfg, name) < 0:
+            raise LightboothError(f"--{name} must be 0 or more (got {getattr(cfg, name)})")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise LightboothError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.logger not in LOGGERS:
@@ -97,6 +105,9 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.init_lora is not None and not Path(cfg.init_lora).is_file():
         raise LightboothError(f"starting LoRA {cfg.init_lora} not found; pass an existing .safetensors file to "
                               "--init-lora")
+    from .module import read_prompts
+
+    read_prompts(cfg.prompts_file)  # a missing, unreadable or empty prompts file fails before anything is loaded
 
 
 def student_preset(cfg: DistillConfig):
@@ -108,9 +119,9 @@ def student_preset(cfg: DistillConfig):
 def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run (or resume) a distillation; returns the LoRA file's path."""
     from ...families.base import DISTILL_METHODS, can_distill
-    from ...generate import Generator
+    from ...generate import Generator, parse_lora_spec
     from ...models import resolve_model
-    from ..checkpoints import newest_valid_checkpoint, prepare_run_folder
+    from ..checkpoints import check_checkpoint, newest_valid_checkpoint, prepare_run_folder
 
     check_config(cfg)
     run = Path(cfg.out)
@@ -119,8 +130,8 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
     ckpt_path = None
     if resume:
         ckpt_path = newest_valid_checkpoint(run / "checkpoints") if resume == "auto" else Path(resume)
-        if resume != "auto" and not ckpt_path.is_file():
-            raise LightboothError(f"checkpoint {resume} not found; pass a step-*.ckpt file or --resume auto")
+        if resume != "auto":
+            check_checkpoint(ckpt_path)
     gen = Generator.load(cfg.model, loras=tuple(cfg.loras), device="cuda" if torch.cuda.is_available() else "cpu",
                          dtype=torch.float32, fast=False,  # fp32, separate Q/K/V: the adapters train on them
                          preset=cfg.teacher_preset or "base")
@@ -130,25 +141,41 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
                               f"({', '.join(DISTILL_METHODS)})")
     teacher = gen.settings(preset=cfg.teacher_preset or "base", steps=cfg.teacher_steps, guidance=cfg.teacher_guidance,
                            width=cfg.width, height=cfg.height)
-    prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES)
-    add_adapters(cfg, family)
+    start = load_init_lora(cfg, family)  # a bad starting LoRA fails before the run folder is touched
+    inputs = [parse_lora_spec(spec)[0] for spec in cfg.loras] + [cfg.init_lora, cfg.prompts_file, cfg.model]
+    prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES, inputs=inputs)
+    add_adapters(cfg, family, start)
     # the student's levels as generation will walk them from the LoRA's stored preset (sd: scaled into its range)
     sigmas = family.schedule(student_preset(cfg), family.image_tokens(teacher.width, teacher.height)).float()
     fit(cfg, family, teacher.preset, sigmas, (teacher.width, teacher.height), run, ckpt_path)
     return export(cfg, family, resolve_model(cfg.model), teacher, run)
 
 
-def add_adapters(cfg: DistillConfig, family) -> None:
-    """The student adapter (zero-initialised: it starts as the teacher run without CFG, unless `init_lora` gives its
-    starting weights), and DMD's fake score (always zero: it starts as the teacher's score)."""
+def load_init_lora(cfg: DistillConfig, family):
+    """The starting LoRA (`init_lora`), read and checked against the plain model before any adapter wraps its
+    layers; None without one."""
+    from ...lora import load_lora
+
+    if cfg.init_lora is None:
+        return None
+    start = load_lora(cfg.init_lora, family.name, {family.denoiser_name: family.denoiser})
+    for target, layer in start.items():
+        if layer.rank != cfg.rank:
+            raise LightboothError(f"LoRA layer {target!r} of {cfg.init_lora} has rank {layer.rank} but the run trains "
+                                  f"rank {cfg.rank}; pass --rank {layer.rank}")
+    return start
+
+
+def add_adapters(cfg: DistillConfig, family, start=None) -> None:
+    """The student adapter (zero-initialised: it starts as the teacher run without CFG, unless `start`, the loaded
+    `init_lora`, gives its starting weights), and DMD's fake score (always zero: it starts as the teacher's score)."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from ...lora import into_peft_model, load_lora
+    from ...lora import into_peft_model
     from .module import FAKE, STUDENT
 
-    # read and check the starting LoRA against the plain model, before any adapter wraps its layers
-    start = None if cfg.init_lora is None else load_lora(cfg.init_lora, family.name,
-                                                         {family.denoiser_name: family.denoiser})
+    if start is None:
+        start = load_init_lora(cfg, family)
     torch.manual_seed(cfg.seed)
     names = (STUDENT, FAKE) if cfg.method == "dmd" else (STUDENT,)
     targets = family.distill_lora_targets or family.lora_targets
