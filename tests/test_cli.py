@@ -66,6 +66,18 @@ def test_prompts_file_resumes_by_skipping_finished_images(qwen_dir, tmp_path, ca
     assert np.abs(np.asarray(Image.open(files[3])).astype(int) - before[files[3]][1]).max() <= 2
 
 
+def test_a_rerun_with_other_numerics_is_not_taken_for_done(qwen_dir, tmp_path, capsys):
+    # the dtype changes the image, so an image made in float32 must not stand in for a bfloat16 one
+    out = tmp_path / "out"
+    args = ["generate", "a red circle", "--out", str(out), "--model", str(qwen_dir), "--steps", "1"]
+    first = run(capsys, *args)[1].split()
+    assert read_params(first[0])["dtype"] == "float32" and read_params(first[0])["fp8"] is False
+    code, stdout, _ = run(capsys, *args, "--dtype", "bfloat16")
+    assert code == 0 and "skipped" not in stdout and stdout.split()[0] != first[0]
+    assert read_params(stdout.split()[0])["dtype"] == "bfloat16"
+    assert "skipped" in run(capsys, *args)[1]
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_work_and_match_one(sd_dir, tmp_path):
     # Lightning Fabric spawns 2 CPU processes (gloo); each takes every other image
@@ -101,6 +113,13 @@ def _no_traceback(code, err):
     (["generate", "x", "--preset", "turbo"], "unknown preset"),
     (["generate", "x", "--sampler", "ddim"], "does not run qwen-image"),
     (["generate", "x", "--num-images", "0"], "at least 1"),
+    (["generate", "x", "--guidance", "nan"], "finite"),
+    (["generate", "x", "--seed", "-1"], "out of range"),
+    (["generate", "x", "--seed", "99999999999999999999"], "out of range"),
+    (["generate", "x", "--seed", "18446744073709551615", "--num-images", "2"], "run past"),
+    (["generate", "x", "--width", "0"], "multiple of 8"),
+    (["generate", "x", "--device", "tpu"], "unknown device"),
+    (["generate", "x", "--devices", "-1"], "--devices"),
 ])
 def test_bad_settings_are_one_line_exit_2(qwen_dir, tmp_path, capsys, args, needle):
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "o"), "--model", str(qwen_dir))
@@ -212,3 +231,26 @@ def test_lora_for_another_model_and_corrupt_lora(qwen_dir, sd_gen, tmp_path, cap
                        "--lora", str(tmp_path / "cut.safetensors"))
     assert "cut.safetensors" in _no_traceback(code, err)
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.png"))
+
+
+def test_unusable_out_prompts_file_model_index_and_lora_scale_are_one_line(qwen_dir, tmp_path, capsys):
+    base = ["generate", "x", "--model", str(qwen_dir)]
+    (tmp_path / "file").write_bytes(b"keep me")
+    code, _, err = run(capsys, *base, "--out", str(tmp_path / "file" / "sub"))
+    assert "cannot create --out folder" in _no_traceback(code, err)
+    assert (tmp_path / "file").read_bytes() == b"keep me"
+    (tmp_path / "prompts.txt").write_bytes(b"\xff\xfe\x00 not utf-8\n")
+    code, _, err = run(capsys, "generate", "--prompts-file", str(tmp_path / "prompts.txt"), "--out",
+                       str(tmp_path / "o"), "--model", str(qwen_dir))
+    assert "not UTF-8" in _no_traceback(code, err)
+    bad = tmp_path / "listed"
+    bad.mkdir()
+    (bad / "model_index.json").write_text("[1, 2]")
+    code, _, err = run(capsys, "generate", "x", "--out", str(tmp_path / "o"), "--model", str(bad))
+    assert "not a diffusers model index" in _no_traceback(code, err)
+    lora = tmp_path / "l.safetensors"
+    lora.write_bytes(b"")  # the scale is checked first: the file's content does not matter
+    for spec, needle in ((f"{lora}:abc", "is not a number"), (f"{lora}:nan", "finite")):
+        code, _, err = run(capsys, *base, "--out", str(tmp_path / "o"), "--lora", spec)
+        assert needle in _no_traceback(code, err)
+    assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True

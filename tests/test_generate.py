@@ -192,3 +192,20 @@ def test_atomically_written_files_get_the_mode_of_ordinary_new_files(umask, tmp_
         os.umask(old)
     assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(0o666 & ~umask)] * 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "img.png", "lora.safetensors"]
+
+
+def test_bad_api_arguments_are_lightbooth_errors(qwen_gen):
+    from lightbooth.errors import LightboothError
+
+    one = arr(qwen_gen("a red circle", seed=3, steps=2))
+    assert (arr(qwen_gen("a red circle", seed=np.int64(3), steps=2)) == one).all()  # numpy seeds are seeds
+    for kwargs, needle in ((dict(seed="42"), "not a whole number"),  # not seeds 4 and 2
+                           (dict(seed=1.5), "not a whole number"), (dict(seed=[]), "seed list is empty"),
+                           (dict(seed=2 ** 64), "out of range"), (dict(width=0), "multiple"),
+                           (dict(batch_size=0), "batch size"), (dict(guidance=float("inf")), "finite")):
+        with pytest.raises(LightboothError, match=needle):
+            qwen_gen("a red circle", steps=2, **kwargs)
+    for kwargs, needle in ((dict(dtype="junk"), "not a torch dtype"), (dict(device="tpu"), "unknown device"),
+                           (dict(loras=[("x.safetensors", float("nan"))]), "finite")):
+        with pytest.raises(LightboothError, match=needle):
+            Generator.load(qwen_gen.family.path, **kwargs)

@@ -18,9 +18,13 @@ def prompt_lines(path: str | Path) -> Iterator[str]:
     if not p.is_file():
         raise LightboothError(f"prompts file {p} not found; pass a text file with one prompt per line")
     with p.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line.strip()
+        try:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
+        except UnicodeDecodeError as e:
+            raise LightboothError(f"prompts file {p} is not UTF-8 text (byte {e.start} of a read block: {e.reason}); "
+                                  "save it as UTF-8 with one prompt per line") from None
 
 
 def image_stem(job: Job) -> str:

@@ -50,7 +50,7 @@ def generate(
 ):
     """Generate images: one PNG per prompt x seed in OUT, each path printed as it is written."""
     from .batch import generate_distributed, prompt_lines, report_line, stream_jobs, write_images
-    from .generate import Generator, check_prompts, save_dir_ready
+    from .generate import Generator, check_prompts, expand_jobs, save_dir_ready
 
     if prompts and prompts_file:
         _fail("give prompts on the command line or --prompts-file, not both")
@@ -60,8 +60,11 @@ def generate(
         _fail(f"prompts file {prompts_file} has no prompts; put one prompt per line")
     if num_images < 1 or batch_size < 1:
         _fail("--num-images and --batch-size must be at least 1")
+    if devices < 0:
+        _fail(f"--devices must be 0 (every GPU, else 1) or more (got {devices})")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         _fail(f"--dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    expand_jobs(["seeds"], seed, num_images)  # a seed out of range fails here, before the model loads
     save_dir_ready(out)
     load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype, preset=preset, fp8=fp8, compile=compile)
     settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
@@ -267,6 +270,9 @@ class _progress:
         self.total = total
 
     def __enter__(self):
+        if not sys.stderr.isatty():  # a log file or a pipe: no bar (it would leave a blank line in the log)
+            self.bar = None
+            return lambda: None
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -277,7 +283,8 @@ class _progress:
         return lambda: self.bar.advance(task)
 
     def __exit__(self, *exc):
-        self.bar.stop()
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

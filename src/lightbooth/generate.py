@@ -7,6 +7,8 @@ never on which batch it was made in. Prompt encodings are cached per Generator.
 from __future__ import annotations
 
 import json
+import math
+import operator
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,10 +46,22 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     path, sep, scale = spec.rpartition(":")
     if sep and path:
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            if Path(path).is_file() and not Path(spec).exists():
+                raise LightboothError(f"LoRA scale {scale!r} in {spec!r} is not a number; write PATH:SCALE with a "
+                                      "number, e.g. PATH:0.8") from None
+        else:
+            check_finite("LoRA scale", value)
+            return path, value
     return spec, 1.0
+
+
+def check_finite(label: str, value: float) -> float:
+    """`value`, or a one-line error if it is NaN or infinite (it would give black or NaN images)."""
+    if not math.isfinite(value):
+        raise LightboothError(f"{label} must be a finite number (got {value}); pass e.g. 1.0")
+    return value
 
 
 def known_preset(family: Family, name: str) -> Preset:
@@ -61,12 +75,32 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+MAX_SEED = 2 ** 64 - 1  # torch's generator seeds are 64-bit
+
+
+def _seed(value) -> int:
+    """An integer seed in 0 .. 2**64 - 1 (numpy integers too), or a one-line error."""
+    try:
+        s = operator.index(value)  # ints and numpy ints; not floats, strings or bools' look-alikes
+    except TypeError:
+        raise LightboothError(f"seed {value!r} is not a whole number; pass an int or a list of ints") from None
+    if isinstance(value, bool) or not 0 <= s <= MAX_SEED:
+        raise LightboothError(f"seed {value!r} is out of range; seeds go from 0 to {MAX_SEED}")
+    return s
+
+
 def expand_jobs(prompts: Sequence[str], seed: int | Sequence[int], num_images: int) -> list[Job]:
     """Each prompt x each seed; `seed=42, num_images=4` means seeds 42, 43, 44, 45 for every prompt."""
-    if isinstance(seed, int):
-        seeds = [seed + i for i in range(num_images)]
+    if isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__"):
+        first = _seed(seed)
+        if first + num_images - 1 > MAX_SEED:
+            raise LightboothError(f"seeds {first} .. {first + num_images - 1} run past {MAX_SEED}; pass a smaller "
+                                  "--seed")
+        seeds = [first + i for i in range(num_images)]
     else:
-        seeds = [int(s) for s in seed]
+        seeds = [_seed(s) for s in seed]
+        if not seeds:
+            raise LightboothError("the seed list is empty; give one seed or one per image")
         if num_images not in (1, len(seeds)):
             raise LightboothError(f"{len(seeds)} seeds given for --num-images {num_images}; give one seed or one "
                                   "per image")
@@ -77,8 +111,9 @@ class Generator:
     """A loaded model ready to generate: `Generator.load(...)(prompts, seed=..., num_images=...)`."""
 
     def __init__(self, family: Family, model_name: str, loras: list[dict], lora_preset: dict | None = None,
-                 preset: str | None = None):
+                 preset: str | None = None, fp8: bool = False):
         self.family, self.model_name, self.loras = family, model_name, loras
+        self.fp8 = fp8  # the numerics change the image, so they go into its parameters with the dtype
         self.lora_preset = lora_preset  # a schedule a distilled LoRA asks for, used when no preset is given
         self.preset = preset  # the preset loaded for (its LoRA, if any, is fused); None: a distilled LoRA's own
         self._cache: dict[str, Cond] = {}
@@ -103,15 +138,18 @@ class Generator:
         from .safeload import validate_safetensors
 
         path = resolve_model(model)
-        device = torch.device(device) if device is not None else default_device()
+        device = check_device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise LightboothError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16 or float16")
             dtype = getattr(torch, dtype)
         family = family_class(family_of(path)).load(path, device, dtype)
         applied, lora_preset = [], None
         for spec in loras:
             p, scale = parse_lora_spec(os.fspath(spec)) if isinstance(spec, (str, os.PathLike)) else spec
+            check_finite("LoRA scale", float(scale))
             weights = lora_mod.load_lora(str(p), family.name, family.modules_for_lora())
             lora_mod.fuse(family.modules_for_lora(), weights, scale)
             meta = validate_safetensors(p)
@@ -131,7 +169,7 @@ class Generator:
         on_cuda = fast and device.type == "cuda"
         family.use_fast_paths(cuda_graphs=on_cuda, fuse_projections=on_cuda, fp8=fp8, compile=compile,
                               trace=fast and device.type == "cpu" and not compile)
-        return cls(family, "builtin" if model is None else str(model), applied, lora_preset, name)
+        return cls(family, "builtin" if model is None else str(model), applied, lora_preset, name, fp8)
 
     # --- settings ------------------------------------------------------------------------------------------
     def settings(self, *, preset=None, steps=None, guidance=None, sampler=None, width=None, height=None,
@@ -151,9 +189,11 @@ class Generator:
                              if v is not None})
         if p.steps < 1:
             raise LightboothError(f"steps must be at least 1 (got {p.steps})")
+        check_finite("guidance", p.guidance)
         if p.sampler not in fam.samplers:
             raise LightboothError(f"sampler {p.sampler!r} does not run {fam.name}; choose one of {', '.join(fam.samplers)}")
-        w, h = width or fam.default_size[0], height or fam.default_size[1]
+        w = fam.default_size[0] if width is None else width
+        h = fam.default_size[1] if height is None else height
         for label, v in (("width", w), ("height", h)):
             if v < fam.size_factor or v % fam.size_factor:
                 raise LightboothError(f"{label} {v} is not a positive multiple of {fam.size_factor}, which {fam.name} "
@@ -165,7 +205,7 @@ class Generator:
         return dict(prompt=job.prompt, negative_prompt=s.negative_prompt, seed=job.seed, steps=s.preset.steps,
                     guidance=s.preset.guidance, width=s.width, height=s.height, model=self.model_name,
                     loras=self.loras, preset=s.preset_name, sampler=s.preset.sampler,
-                    family=self.family.name)
+                    family=self.family.name, dtype=str(self.family.dtype).removeprefix("torch."), fp8=self.fp8)
 
     # --- generation ----------------------------------------------------------------------------------------
     def remember(self, conds: dict[str, Cond]) -> None:
@@ -203,7 +243,7 @@ class Generator:
         s = self.settings(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
                           height=height, negative_prompt=negative_prompt)
         jobs = expand_jobs(prompts, seed, num_images)
-        bs = batch_size or len(jobs)
+        bs = len(jobs) if batch_size is None else batch_size
         if bs < 1:
             raise LightboothError(f"batch size must be at least 1 (got {bs})")
         out = []
@@ -223,8 +263,34 @@ def check_prompts(prompts: Sequence[str]) -> None:
 
 
 def save_dir_ready(out: Path) -> Path:
-    """Create the output folder; refuse a path that is a file."""
+    """Create the output folder; refuse a path that is a file or a folder that cannot be written."""
     if out.exists() and not out.is_dir():
         raise LightboothError(f"--out {out} is a file; pass a folder (new or existing) for the images")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LightboothError(f"cannot create --out folder {out} ({e.strerror or type(e).__name__}); pass a folder "
+                              "you can write to") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise LightboothError(f"--out folder {out} is not writable; pass a folder you can write to")
     return out
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch device that exists on this machine, or a one-line error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LightboothError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index is not None and dev.index >= count or count == 0:
+            raise LightboothError(f"device {device!r} is not available (this machine has {count} CUDA GPU(s)); "
+                                  "pass --device cpu or an existing cuda:N")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:
+            raise LightboothError(f"device {device!r} is not available ({str(e).splitlines()[0][:200]}); pass "
+                                  "--device cpu or cuda") from None
+    return dev

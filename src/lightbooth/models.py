@@ -66,4 +66,7 @@ def family_of(path: Path) -> str:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError) as e:
         raise LightboothError(f"cannot read {path / 'model_index.json'}: {e}") from None
+    if not isinstance(index, dict):
+        raise LightboothError(f"{path / 'model_index.json'} is not a diffusers model index (a JSON object naming the "
+                              "pipeline and its components); pass a complete diffusers folder")
     return family_for_pipeline(index.get("_class_name", "?"))

@@ -262,6 +262,8 @@ def quiet_libraries() -> None:
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+    # diffusers logs a failed weights lookup at error level before raising it; the raise becomes our one line
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)
 
 
 def presign_attention(model: torch.nn.Module) -> None:
