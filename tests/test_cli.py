@@ -127,6 +127,18 @@ def test_bad_settings_are_one_line_exit_2(qwen_dir, tmp_path, capsys, args, need
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
 
 
+def test_rejected_settings_leave_no_new_out_folder(qwen_dir, tmp_path, capsys):
+    out = tmp_path / "new" / "o"
+    code, _, err = run(capsys, "generate", "x", "--steps", "0", "--out", str(out), "--model", str(qwen_dir))
+    assert "steps must be at least 1" in _no_traceback(code, err)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"  # a folder the user already had stays, empty or not
+    kept.mkdir()
+    code, _, err = run(capsys, "generate", "x", "--width", "70", "--out", str(kept), "--model", str(qwen_dir))
+    assert "multiple of 8" in _no_traceback(code, err)
+    assert kept.is_dir()
+
+
 def test_unknown_model_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run(capsys, "generate", "x", "--out", str(tmp_path), "--model", "nobody/no-such-model")

@@ -398,6 +398,15 @@ def test_bad_settings_are_one_line_errors(qwen_dir, instance_dir, tmp_path, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_lora_targets_are_checked_before_the_run_folder_is_made(qwen_dir, instance_dir, tmp_path, capsys):
+    for targets, needle in ((["to_q", "nonexistent"], "'nonexistent' matches no module"),
+                            (["transformer_blocks"], "which LoRA cannot wrap")):
+        args = [x for t in targets for x in ("--lora-targets", t)]
+        code, _, err = db(capsys, *fast(qwen_dir, instance_dir, tmp_path / "run", *args))
+        assert needle in one_line(code, err)
+        assert not (tmp_path / "run").exists()
+
+
 def test_unknown_config_key_and_existing_run_folder(qwen_dir, instance_dir, tmp_path, capsys):
     bad = tmp_path / "run.yaml"
     bad.write_text("stepz: 3\n")

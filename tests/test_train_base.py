@@ -131,6 +131,18 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_invalid_yaml_names_the_problem_and_where(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 5\nlr: 1e-4\nexport: [kohya\nseed: 3\n")
+    assert main(["train-base", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"config file {bad} is not valid YAML: expected ',' or ']'" in lines[0], err
+    assert "at line 4, column 5; fix the file" in lines[0], err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("override", [["--steps", "0"], ["--steps", "-5"]])
 def test_counts_below_their_minimum_are_refused_before_anything_runs(tmp_path, capsys, override):
     zero = tmp_path / "zero.yaml"

@@ -50,7 +50,7 @@ def generate(
 ):
     """Generate images: one PNG per prompt x seed in OUT, each path printed as it is written."""
     from .batch import generate_distributed, prompt_lines, report_line, stream_jobs, write_images
-    from .generate import Generator, check_prompts, expand_jobs, save_dir_ready
+    from .generate import Generator, check_prompts, expand_jobs, out_dir_ready
 
     if prompts and prompts_file:
         _fail("give prompts on the command line or --prompts-file, not both")
@@ -65,29 +65,29 @@ def generate(
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         _fail(f"--dtype {dtype} is not supported; use float32, bfloat16 or float16")
     expand_jobs(["seeds"], seed, num_images)  # a seed out of range fails here, before the model loads
-    save_dir_ready(out)
-    load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype, preset=preset, fp8=fp8, compile=compile)
-    settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
-                           height=height, negative_prompt=negative)
-    n_dev, accel = _devices(devices, device)
-    if n_dev > 1:
-        gen = Generator.load(device="cpu", **load_kwargs)  # validate model, LoRAs and settings before spawning
-        gen.settings(**settings_kwargs)
-        del gen
-        generate_distributed(n_dev, accel, load_kwargs=load_kwargs, prompts=prompts, prompts_file=prompts_file,
-                             seed=seed, num_images=num_images, settings_kwargs=settings_kwargs, out=str(out),
-                             batch_size=batch_size)
-        return
-    gen = Generator.load(device=device, **load_kwargs)
-    s = gen.settings(**settings_kwargs)
-    source = prompt_lines(prompts_file) if prompts_file else prompts
-    total = (sum(1 for _ in prompt_lines(prompts_file)) if prompts_file else len(prompts)) * num_images
-    with _progress(total) as advance:
-        def report(path, skipped):
-            typer.echo(report_line(path, skipped))
-            advance()
+    with out_dir_ready(out):  # a run rejected after this point leaves no new, empty --out folder behind
+        load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype, preset=preset, fp8=fp8, compile=compile)
+        settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
+                               height=height, negative_prompt=negative)
+        n_dev, accel = _devices(devices, device)
+        if n_dev > 1:
+            gen = Generator.load(device="cpu", **load_kwargs)  # validate model, LoRAs and settings before spawning
+            gen.settings(**settings_kwargs)
+            del gen
+            generate_distributed(n_dev, accel, load_kwargs=load_kwargs, prompts=prompts, prompts_file=prompts_file,
+                                 seed=seed, num_images=num_images, settings_kwargs=settings_kwargs, out=str(out),
+                                 batch_size=batch_size)
+            return
+        gen = Generator.load(device=device, **load_kwargs)
+        s = gen.settings(**settings_kwargs)
+        source = prompt_lines(prompts_file) if prompts_file else prompts
+        total = (sum(1 for _ in prompt_lines(prompts_file)) if prompts_file else len(prompts)) * num_images
+        with _progress(total) as advance:
+            def report(path, skipped):
+                typer.echo(report_line(path, skipped))
+                advance()
 
-        write_images(gen, stream_jobs(source, seed, num_images), s, out, batch_size, report=report)
+            write_images(gen, stream_jobs(source, seed, num_images), s, out, batch_size, report=report)
 
 
 @app.command("train-base")

@@ -85,7 +85,7 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise LightboothError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise LightboothError(f"config file {p} is not valid YAML: {_yaml_problem(e)}; fix the file") from None
         except (OSError, UnicodeDecodeError) as e:
             raise LightboothError(f"cannot read config file {p} ({getattr(e, 'strerror', None) or e.reason}); pass "
                                   "a readable UTF-8 YAML file") from None
@@ -94,6 +94,16 @@ def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: 
                                   f"a {type(data).__name__}")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(cls, data, str(path or "options"))
+
+
+def _yaml_problem(e) -> str:
+    """What is wrong in a YAML file and where (1-based line and column), in one line."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if not problem:
+        lines = str(e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{' '.join(problem.split())}{where}"
 
 
 def save_config(cfg, path: Path) -> None:

@@ -6,6 +6,7 @@ never on which batch it was made in. Prompt encodings are cached per Generator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import operator
@@ -274,6 +275,23 @@ def save_dir_ready(out: Path) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise LightboothError(f"--out folder {out} is not writable; pass a folder you can write to")
     return out
+
+
+@contextlib.contextmanager
+def out_dir_ready(out: Path):
+    """`save_dir_ready(out)` for the body of a command; if the body fails, the folders this call created are
+    removed again while they are still empty, so a rejected run leaves nothing behind."""
+    created = [d for d in (out, *out.parents) if not d.exists()]
+    save_dir_ready(out)
+    try:
+        yield out
+    except BaseException:
+        for d in created:  # deepest first; rmdir only ever removes an empty folder
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def check_device(device) -> torch.device:

@@ -167,6 +167,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
         raise LightboothError(f"--train-text-encoder is not supported for {family.name} models (sd only)")
     check_token(family.components["tokenizer"], cfg.token)
     training_side(cfg, family)
+    check_lora_targets(cfg, family)
     ckpt_path = None
     if resume not in (None, "auto"):
         ckpt_path = Path(resume)
@@ -274,6 +275,24 @@ def prepare_denoiser(cfg: DreamBoothConfig, family) -> None:
         family.compile_denoiser()
 
 
+def check_lora_targets(cfg: DreamBoothConfig, family) -> None:
+    """Each --lora-targets suffix names a layer LoRA can wrap in the denoiser, checked before the run folder is made
+    (peft's own check, at injection, comes only after it). Matching is peft's: the full name or a '.'-suffix."""
+    if cfg.full or not cfg.lora_targets:
+        return
+    wrappable = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    modules = list(family.denoiser.named_modules())
+    for target in cfg.lora_targets:
+        found = [m for name, m in modules if name == target or name.endswith(f".{target}")]
+        if not found:
+            raise LightboothError(f"--lora-targets {target!r} matches no module of the {family.name} denoiser; pass "
+                                  f"module name suffixes such as {', '.join(family.lora_targets[:4])}")
+        if not any(isinstance(m, wrappable) for m in found):
+            raise LightboothError(f"--lora-targets {target!r} names {type(found[0]).__name__} modules, which LoRA "
+                                  f"cannot wrap; pass linear or conv layers such as "
+                                  f"{', '.join(family.lora_targets[:4])}")
+
+
 def make_trainable(cfg: DreamBoothConfig, family) -> None:
     """LoRA adapters (peft) on the family's target modules, or every denoiser weight with `full`."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -309,6 +328,9 @@ def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # torch deprecated LeafSpec; Lightning's own _pytree still builds one on every batch (theirs to fix, not ours)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                            r"lightning\.pytorch\.utilities\._pytree")
     cuda = torch.cuda.is_available()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp_spawn" if cfg.devices > 1 else "auto")

@@ -182,7 +182,9 @@ def add_adapters(cfg: DistillConfig, family, start=None) -> None:
     for name in names:
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=list(targets),
                           lora_dropout=0.0, init_lora_weights=True)
-        inject_adapter_in_model(lora, family.denoiser, adapter_name=name)
+        with warnings.catch_warnings():  # DMD's fake score is a second, named adapter by design: peft warns of it
+            warnings.filterwarnings("ignore", r"Already found a `peft_config` attribute in the model", UserWarning)
+            inject_adapter_in_model(lora, family.denoiser, adapter_name=name)
     if start is not None:
         into_peft_model(family.denoiser_name, family.denoiser, start, adapter_name=STUDENT)
     for n, p in family.denoiser.named_parameters():
@@ -200,6 +202,9 @@ def fit(cfg: DistillConfig, family, teacher_preset, sigmas, size, run: Path, ckp
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # torch deprecated LeafSpec; Lightning's own _pytree still builds one on every batch (theirs to fix, not ours)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                            r"lightning\.pytorch\.utilities\._pytree")
     ckpt = PeriodicCheckpoint(run / "checkpoints", cfg.checkpoint_every, cfg.keep)
     tty = sys.stderr.isatty()
     trainer = L.Trainer(
