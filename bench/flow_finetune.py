@@ -4,11 +4,16 @@ blobs learn concave shapes when its further training is spent on the low-noise e
     python bench/flow_finetune.py --run RUN --out OUT --max-sigma 0.4 --steps 2500 --lr 1e-4 --threads 1
     python bench/flow_finetune.py --run RUN --out OUT --max-sigma 1 ...     # the control: the recipe's levels
     python bench/loose_adherence.py --model OUT/model --preset base --n 128 --template 0 --confusion
+    python bench/flow_finetune.py --model MODEL --out OUT --max-sigma 1 --emphasize star,cross --weight 4 ...
 
 RUN is the run folder (its tokenizer, VAE, decoder, latent cache and newest flow checkpoint are read, nothing is
 written there). Both the weights and their EMA start from the run's EMA; the captions are the recipe's (every
 template and language, no anchor phase), the learning rate warms up over 100 steps and decays to 10% by the cosine
-of the recipe. With `--max-sigma` below 1 the noise levels are `max_sigma` times a logit-normal draw (shift 1), so
+of the recipe. `--model MODEL` starts instead from a finished model folder (the shipped one: `--model builtin`):
+its tokenizer, VAE, text encoder and transformer, the recipe it records in lightbooth.json, and a latent cache
+encoded afresh with its VAE (about a minute). `--emphasize SHAPES --weight W` draws scenes holding any of those
+shapes W times as often as the others (sampling with replacement).
+With `--max-sigma` below 1 the noise levels are `max_sigma` times a logit-normal draw (shift 1), so
 every step trains on noise levels below it; 1 keeps the recipe's shifted draw. OUT/model is a model folder like
 the shipped one.
 """
@@ -36,21 +41,29 @@ def main(argv=None) -> int:
     from lightbooth.training.losses import logit_normal_sigmas
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a finished `lightbooth train-base` run folder")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="a finished `lightbooth train-base` run folder")
+    src.add_argument("--model", help="a finished built-in-style model folder, or `builtin` for the shipped one")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-sigma", type=float, default=0.4)
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--emphasize", default="", help="comma-separated shapes drawn --weight times as often")
+    ap.add_argument("--weight", type=float, default=1.0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = load_config(B.BaseTrainConfig, args.run / "config.yaml")
+    if args.model:
+        cfg, tokenizer, vae, weights, latents = from_model(args.model)
+    else:
+        cfg = load_config(B.BaseTrainConfig, args.run / "config.yaml")
     cfg = dataclasses.replace(cfg, lr=args.lr, warmup=100, steps=args.steps, anchor_steps=0, checkpoint_every=500,
                               threads=args.threads)
     L.seed_everything(cfg.seed + 1, workers=True, verbose=False)  # other noise draws than the run's own
-    tokenizer = Qwen2Tokenizer.from_pretrained(str(args.run / "tokenizer"))
-    vae = R._decoder_stage(cfg, args.run, R._vae_stage(cfg, args.run))
-    latents = R._latent_stage(cfg, args.run, vae)
+    if not args.model:
+        tokenizer = Qwen2Tokenizer.from_pretrained(str(args.run / "tokenizer"))
+        vae = R._decoder_stage(cfg, args.run, R._vae_stage(cfg, args.run))
+        latents = R._latent_stage(cfg, args.run, vae)
 
     class Finetune(R.FlowModule):
         def sigmas(self, n):
@@ -59,17 +72,48 @@ def main(argv=None) -> int:
             return args.max_sigma * logit_normal_sigmas(n, shift=1.0).clamp(1e-3, 1 - 1e-3)
 
     module = Finetune(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
-    ckpt = newest_valid_checkpoint(args.run / "flow")
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
-    module.net.load_state_dict(module.ema.module.state_dict())
+    if args.model:
+        module.net.load_state_dict(weights)
+        module.ema.module.load_state_dict(weights)
+    else:
+        ckpt = newest_valid_checkpoint(args.run / "flow")
+        module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
+        module.net.load_state_dict(module.ema.module.state_dict())
     module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0)  # the seed the latents were drawn with
-    loader = torch.utils.data.DataLoader(module.captions, batch_size=cfg.batch, shuffle=True, collate_fn=B.collate,
-                                         drop_last=True)
+    emphasized = {x for x in args.emphasize.split(",") if x}
+    if emphasized and args.weight != 1:
+        w = [args.weight if {o.shape for o in module.captions.scene(i).objects} & emphasized else 1.0
+             for i in range(len(latents))]
+        order = dict(sampler=torch.utils.data.WeightedRandomSampler(w, cfg.steps * cfg.batch, replacement=True))
+        print(f"{sum(x != 1 for x in w)} of {len(w)} scenes hold {sorted(emphasized)}, drawn {args.weight}x as often")
+    else:
+        order = dict(shuffle=True)
+    loader = torch.utils.data.DataLoader(module.captions, batch_size=cfg.batch, collate_fn=B.collate, drop_last=True,
+                                         **order)
     args.out.mkdir(parents=True, exist_ok=True)
     R.fit(module, loader, cfg.steps, args.out / "flow", cfg, "flow")
     ema = module.ema.module
     print(B.export_pipeline(cfg, args.out, tokenizer, vae, ema["text_encoder"].eval(), ema["transformer"].eval()))
     return 0
+
+
+def from_model(name: str):
+    """(recipe, tokenizer, VAE, net state dict, latent cache) of a finished model folder, fp32."""
+    import json
+
+    from diffusers import QwenImagePipeline
+
+    from lightbooth import builtin_model_path
+    from lightbooth.training import base as B
+
+    folder = builtin_model_path() if name == "builtin" else Path(name)
+    recipe = json.loads((folder / "lightbooth.json").read_text())["trained_with"]
+    cfg = B.BaseTrainConfig(**recipe)
+    pipe = QwenImagePipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    weights = {f"text_encoder.{k}": v for k, v in pipe.text_encoder.float().state_dict().items()}
+    weights |= {f"transformer.{k}": v for k, v in pipe.transformer.float().state_dict().items()}
+    vae = pipe.vae.float().eval()
+    return cfg, pipe.tokenizer, vae, weights, B.encode_scenes(vae, cfg.seed, 0, cfg.latent_cache)
 
 
 if __name__ == "__main__":
