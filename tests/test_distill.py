@@ -296,6 +296,16 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
     assert can_distill(Generator.load(sd_dir, device="cpu").family) and not can_distill(Family.__new__(Family))
 
 
+def test_python_configs_get_the_type_checks_of_the_cli(qwen_dir, tmp_path):
+    with pytest.raises(LightboothError, match="'shift' of DistillConfig must be a finite number, got nan"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), shift=float("nan")))  # was a NaN loss after the start
+    with pytest.raises(LightboothError, match="'steps' of DistillConfig must be a whole number, got '2'"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), steps="2"))
+    with pytest.raises(LightboothError, match="none.safetensors does not exist"):  # one LoRA without a list
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), loras=str(tmp_path / "none.safetensors")))
+    assert not (tmp_path / "run").exists()
+
+
 def test_distill_command_line_runs_and_rejects_bad_input_in_one_line(qwen_dir, tmp_path, capsys):
     from lightbooth.cli import main
 

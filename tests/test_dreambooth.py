@@ -407,6 +407,22 @@ def test_lora_targets_are_checked_before_the_run_folder_is_made(qwen_dir, instan
         assert not (tmp_path / "run").exists()
 
 
+def test_python_configs_get_the_type_checks_of_the_cli_and_take_path_objects(qwen_dir, instance_dir, tmp_path):
+    from lightbooth.errors import LightboothError
+
+    base = dict(instance_dir=str(instance_dir), class_noun="star", out=str(tmp_path / "bad"), model=str(qwen_dir))
+    with pytest.raises(LightboothError, match="'lr' of DreamBoothConfig must be a number, got 'fast'"):
+        train_dreambooth(DreamBoothConfig(**base, lr="fast"))  # was a TypeError traceback
+    with pytest.raises(LightboothError, match="'rank' of DreamBoothConfig must be a whole number"):
+        train_dreambooth(DreamBoothConfig(**base, rank=4.5))
+    assert not (tmp_path / "bad").exists()
+    # Path objects (a yaml RepresenterError before) and one export format without a list (was read as 'k', 'o', ...)
+    lora = train_dreambooth(DreamBoothConfig(instance_dir=instance_dir, class_noun="star", out=tmp_path / "run",
+                                             model=qwen_dir, steps=1, prior=False, validation_prompt=[],
+                                             logger="none", export="kohya"))
+    assert lora == tmp_path / "run" / "lora.safetensors" and (tmp_path / "run" / "lora_kohya.safetensors").exists()
+
+
 def test_unknown_config_key_and_existing_run_folder(qwen_dir, instance_dir, tmp_path, capsys):
     bad = tmp_path / "run.yaml"
     bad.write_text("stepz: 3\n")

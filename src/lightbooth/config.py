@@ -48,6 +48,8 @@ def _coerce(cls, name: str, value: Any, hint) -> Any:
             return float(value)
         return value
     if hint is str:
+        if isinstance(value, os.PathLike):  # Python callers pass paths as Path objects
+            value = os.fspath(value)
         if not isinstance(value, str):
             raise wrong("text")
         return value
@@ -71,6 +73,13 @@ def from_dict(cls: type[C], data: dict, where: str = "config") -> C:
         if key not in names:
             raise LightboothError(f"unknown key '{key}' in {where}; known keys: {', '.join(sorted(names))}")
     return cls(**{k: _coerce(cls, k, v, hints[k]) for k, v in data.items()})
+
+
+def checked(cfg: C) -> C:
+    """`cfg` (a config dataclass built in Python) with every field type-checked and coerced as YAML keys are: the
+    training entry points call this, so a wrong type is a one-line LightboothError and not a TypeError later."""
+    return from_dict(type(cfg), {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                     type(cfg).__name__)
 
 
 def load_config(cls: type[C], path: str | os.PathLike | None = None, overrides: dict | None = None) -> C:

@@ -146,11 +146,13 @@ def fill(template: str, cfg: DreamBoothConfig) -> str:
 def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite: bool = False,
                      callbacks=()) -> Path:
     """Train; returns RUN/lora.safetensors (or RUN/model with `full`). `resume`: "auto" or a checkpoint path."""
+    from ..config import checked
     from ..data.instance import load_instance_images
     from ..generate import Generator
     from ..models import resolve_model
     from .checkpoints import check_checkpoint, newest_valid_checkpoint, prepare_run_folder
 
+    cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

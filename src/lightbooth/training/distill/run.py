@@ -118,11 +118,13 @@ def student_preset(cfg: DistillConfig):
 
 def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Run (or resume) a distillation; returns the LoRA file's path."""
+    from ...config import checked
     from ...families.base import DISTILL_METHODS, can_distill
     from ...generate import Generator, parse_lora_spec
     from ...models import resolve_model
     from ..checkpoints import check_checkpoint, newest_valid_checkpoint, prepare_run_folder
 
+    cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
     run = Path(cfg.out)
     if cfg.threads:
