@@ -72,8 +72,14 @@ def main() -> int:
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                     help="also score an already trained student LoRA (its own schedule), "
                     "e.g. dmd-8=runs/d8/lora.safetensors")
+    ap.add_argument("--plain-cfg", action="store_true", help="a what-if for every row: CFG without Qwen-Image's "
+                    "per-token norm rescale (the family always rescales; distillation runs are affected too)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.plain_cfg:
+        from lightbooth.sampling import guidance
+
+        guidance.cfg_norm_rescale = guidance.cfg  # looked up at each call by the qwen-image family
     out = Path(args.out)
     naive = [int(k) for k in (args.naive_steps or str(args.student_steps)).split(",")]
     rows = [("teacher (preset base: its 20 steps with CFG)", [], dict(preset="base"))]
