@@ -62,6 +62,45 @@ def test_batched_cfg_equals_two_passes(qwen_gen):
     assert torch.allclose(one, two, atol=1e-5)
 
 
+def test_cfg_rescale_off_is_plain_cfg_and_travels_with_the_image(qwen_gen):
+    fam = qwen_gen.family
+    cond, uncond = fam.encode(["a red circle on a black background"]), fam.encode([""])
+    x, s = fam.noise(1, 64, 64), torch.tensor(0.7)
+    with torch.inference_mode():
+        c, u = fam.velocity(x, cond, s, 64, 64), fam.velocity(x, uncond, s, 64, 64)
+        plain = fam.velocity(x, cond, s, 64, 64, uncond, 4.0, rescale=False)
+        rescaled = fam.velocity(x, cond, s, 64, 64, uncond, 4.0)
+    assert torch.allclose(plain, guidance.cfg(c, u, 4.0), atol=1e-5)
+    assert torch.allclose(rescaled, guidance.cfg_norm_rescale(c, u, 4.0), atol=1e-5)
+    assert not torch.allclose(plain, rescaled, atol=1e-3)
+    kw = dict(seed=3, steps=3, guidance=4.0)
+    on, off = qwen_gen("a red circle", **kw)[0], qwen_gen("a red circle", cfg_rescale=False, **kw)[0]
+    assert json.loads(on.info["lightbooth"])["cfg_rescale"] is True
+    assert json.loads(off.info["lightbooth"])["cfg_rescale"] is False
+    assert np.abs(np.asarray(on, dtype=int) - np.asarray(off, dtype=int)).max() > 0
+
+
+def test_a_model_preset_may_turn_the_cfg_rescale_off(qwen_dir, tmp_path, capsys):
+    import shutil
+
+    from lightbooth.cli import main
+    from lightbooth.images import read_params
+
+    model = tmp_path / "model"
+    shutil.copytree(qwen_dir, model)
+    plain = {"steps": 3, "guidance": 4.0, "sampler": "flow_euler", "cfg_rescale": False}
+    (model / "lightbooth.json").write_text(json.dumps({"default_preset": "plain", "presets": {"plain": plain}}))
+    gen = Generator.load(model, device="cpu")
+    assert gen.settings().preset.cfg_rescale is False and gen.settings(cfg_rescale=True).preset.cfg_rescale is True
+    a = gen("a red circle", seed=3)[0]
+    b = Generator.load(qwen_dir, device="cpu")("a red circle", seed=3, steps=3, guidance=4.0, cfg_rescale=False)[0]
+    assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() == 0
+    # the command line's switch reaches the image
+    assert main(["generate", "a red circle", "--out", str(tmp_path / "o"), "--model", str(model), "--cfg-rescale"]) == 0
+    png = capsys.readouterr().out.split()[0]
+    assert read_params(png)["cfg_rescale"] is True
+
+
 def test_image_is_the_same_alone_or_in_any_batch(qwen_gen, sd_gen):
     for gen, size in ((qwen_gen, 64), (sd_gen, 16)):
         alone = arr(gen("a red circle", seed=11, steps=4, width=size, height=size))

@@ -34,6 +34,9 @@ def generate(
                                          "model: 4step (default), 8step, base."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the preset's)."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale; 1 disables the unconditional pass."),
+    cfg_rescale: Optional[bool] = typer.Option(None, "--cfg-rescale/--no-cfg-rescale", help="qwen-image: rescale "
+                                               "the guided velocity per token, as Qwen-Image does (default: the "
+                                               "preset's, else on); sd: no effect."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for CFG."),
     sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler; sd: ddim, euler, flow_euler)."),
     seed: int = typer.Option(0, help="Seed of the first image; image i of each prompt uses seed + i."),
@@ -68,7 +71,7 @@ def generate(
     with out_dir_ready(out):  # a run rejected after this point leaves no new, empty --out folder behind
         load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype, preset=preset, fp8=fp8, compile=compile)
         settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
-                               height=height, negative_prompt=negative)
+                               height=height, negative_prompt=negative, cfg_rescale=cfg_rescale)
         n_dev, accel = _devices(devices, device)
         if n_dev > 1:
             gen = Generator.load(device="cpu", **load_kwargs)  # validate model, LoRAs and settings before spawning

@@ -174,7 +174,7 @@ class Generator:
 
     # --- settings ------------------------------------------------------------------------------------------
     def settings(self, *, preset=None, steps=None, guidance=None, sampler=None, width=None, height=None,
-                 negative_prompt=None) -> Settings:
+                 negative_prompt=None, cfg_rescale=None) -> Settings:
         """Fill unset values from the preset (the LoRA's own schedule, else the family's base) and validate."""
         fam = self.family
         if preset is None and self.lora_preset is not None:
@@ -186,8 +186,8 @@ class Generator:
             if (base.lora or fused) and name != fused:
                 raise LightboothError(f"preset {name!r} needs other weights than the model was loaded with (a preset "
                                       f"fuses its own LoRA); load it with preset={name!r} (CLI: --preset {name})")
-        p = replace(base, **{k: v for k, v in dict(steps=steps, guidance=guidance, sampler=sampler).items()
-                             if v is not None})
+        p = replace(base, **{k: v for k, v in dict(steps=steps, guidance=guidance, sampler=sampler,
+                                                   cfg_rescale=cfg_rescale).items() if v is not None})
         if p.steps < 1:
             raise LightboothError(f"steps must be at least 1 (got {p.steps})")
         check_finite("guidance", p.guidance)
@@ -206,7 +206,8 @@ class Generator:
         return dict(prompt=job.prompt, negative_prompt=s.negative_prompt, seed=job.seed, steps=s.preset.steps,
                     guidance=s.preset.guidance, width=s.width, height=s.height, model=self.model_name,
                     loras=self.loras, preset=s.preset_name, sampler=s.preset.sampler,
-                    family=self.family.name, dtype=str(self.family.dtype).removeprefix("torch."), fp8=self.fp8)
+                    family=self.family.name, dtype=str(self.family.dtype).removeprefix("torch."), fp8=self.fp8,
+                    cfg_rescale=s.preset.cfg_rescale)
 
     # --- generation ----------------------------------------------------------------------------------------
     def remember(self, conds: dict[str, Cond]) -> None:
@@ -235,14 +236,15 @@ class Generator:
     def __call__(self, prompt: str | list[str], *, negative_prompt: str | None = None, seed: int | list[int] = 0,
                  num_images: int = 1, steps: int | None = None, guidance: float | None = None,
                  width: int | None = None, height: int | None = None, preset: str | None = None,
-                 sampler: str | None = None, batch_size: int | None = None, progress: Callable | None = None):
+                 sampler: str | None = None, batch_size: int | None = None, progress: Callable | None = None,
+                 cfg_rescale: bool | None = None):
         """Generate images for every prompt x seed; returns PIL images carrying their parameters in `.info`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         check_prompts(prompts)
         if num_images < 1:
             raise LightboothError(f"num_images must be at least 1 (got {num_images})")
         s = self.settings(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
-                          height=height, negative_prompt=negative_prompt)
+                          height=height, negative_prompt=negative_prompt, cfg_rescale=cfg_rescale)
         jobs = expand_jobs(prompts, seed, num_images)
         bs = len(jobs) if batch_size is None else batch_size
         if bs < 1:

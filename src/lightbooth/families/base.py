@@ -32,6 +32,9 @@ class Preset:
     sampler: str  # one of the family's `samplers`
     shift: float | None = None  # fixed flow-matching shift replacing the model's own schedule (Lightning uses 3)
     lora: str | None = None  # a LoRA file inside the model folder fused for this preset (a shipped distilled one)
+    # qwen-image: rescale each token's guided velocity to the conditional one's norm, as stock Qwen-Image's true CFG
+    # does; False gives plain CFG. sd always guides plainly and ignores it.
+    cfg_rescale: bool = True
 
 
 @dataclass
@@ -218,8 +221,9 @@ class Family:
 
 
 # --- distillation: what training/distill needs of a family, in rectified-flow coordinates --------------------------
-#   velocity(x, cond, sigma, width, height, uncond=None, guidance_scale=1.0, both=None) -> the (guided) velocity
-#       n - x0 at flow level sigma (a scalar or one per row) for states x = (1 - sigma) x0 + sigma n in the
+#   velocity(x, cond, sigma, width, height, uncond=None, guidance_scale=1.0, both=None, rescale=True) -> the (guided)
+#       velocity (with `rescale`, the family's own CFG rescale where it has one: Preset.cfg_rescale) n - x0 at
+#       flow level sigma (a scalar or one per row) for states x = (1 - sigma) x0 + sigma n in the
 #       family's `noise` layout;
 #   schedule(preset, image_seq_len) -> the flow levels (steps + 1, descending to 0) `preset` samples along; a
 #       preset with sampler "flow_euler" and a `shift` is how a distilled student's schedule is stored;

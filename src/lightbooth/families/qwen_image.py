@@ -140,21 +140,25 @@ class QwenImageFamily(Family):
         return (h // 2) * (w // 2)
 
     def velocity(self, x: torch.Tensor, cond: Cond, sigma: torch.Tensor, width: int, height: int,
-                 uncond: Cond | None = None, guidance_scale: float = 1.0, both: Cond | None = None) -> torch.Tensor:
-        """The (guided) velocity at noise level `sigma` (a scalar, or one per row of x) for packed latents x."""
+                 uncond: Cond | None = None, guidance_scale: float = 1.0, both: Cond | None = None,
+                 rescale: bool = True) -> torch.Tensor:
+        """The (guided) velocity at noise level `sigma` (a scalar, or one per row of x) for packed latents x;
+        `rescale`: Qwen-Image's per-token norm rescale after CFG, else plain CFG."""
         h, w = self.latent_hw(width, height)
 
         def fwd(xx, c):  # under CFG the batch is [x; x], so per-row levels repeat
             s = sigma if sigma.dim() == 0 or len(sigma) == len(xx) else sigma.repeat(len(xx) // len(sigma))
             return self._forward(xx, c, s, (1, h // 2, w // 2))
-        return guided(fwd, guidance.cfg_norm_rescale, x, cond, uncond, guidance_scale, both)
+        combine = guidance.cfg_norm_rescale if rescale else guidance.cfg
+        return guided(fwd, combine, x, cond, uncond, guidance_scale, both)
 
     def sample(self, x, cond, uncond, preset, width, height, callback=None):
         sigmas = self.schedule(preset, x.shape[1]).to(self.device)
         both = cfg_batch(cond, uncond, preset.guidance)
 
         def velocity(xt, i):
-            return self.velocity(xt, cond, sigmas[i], width, height, uncond, preset.guidance, both)
+            return self.velocity(xt, cond, sigmas[i], width, height, uncond, preset.guidance, both,
+                                 preset.cfg_rescale)
 
         with torch.inference_mode():
             return samplers.flow_euler(velocity, x, sigmas, callback)

@@ -140,7 +140,8 @@ class SDFamily(Family):
         return schedules.ve_to_flow(schedules.karras_free_sigmas(self.ac, ts))
 
     def velocity(self, x: torch.Tensor, cond: Cond, sigma: torch.Tensor, width: int, height: int,
-                 uncond: Cond | None = None, guidance_scale: float = 1.0, both: Cond | None = None) -> torch.Tensor:
+                 uncond: Cond | None = None, guidance_scale: float = 1.0, both: Cond | None = None,
+                 rescale: bool = True) -> torch.Tensor:  # `rescale`: sd has none (plain CFG, as Stable Diffusion)
         """The (guided) velocity n - x0 at flow level `sigma` (a scalar, or one per row) for flow states x.
 
         x is scaled to the DDPM state at the matching cumulative alpha, the UNet runs at the matching continuous

@@ -111,7 +111,8 @@ class DistillModule(L.LightningModule):
 
     def velocity(self, cond: Cond, uncond: Cond | None = None, guidance: float = 1.0):
         """A velocity function of the denoiser as currently routed (see `adapter`)."""
-        return lambda x, s: self.family.velocity(x, cond, s, self.width, self.height, uncond, guidance)
+        return lambda x, s: self.family.velocity(x, cond, s, self.width, self.height, uncond, guidance,
+                                                 rescale=self.teacher.cfg_rescale)
 
     def noise(self, g: int, n: int, stream: int) -> torch.Tensor:
         return torch.cat([self.family.noise(draw_seed(self.cfg.seed, g, stream, i), self.width, self.height)

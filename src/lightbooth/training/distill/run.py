@@ -228,7 +228,7 @@ def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> 
     meta = {
         # the schedule only: a distilled LoRA is its own weights, never a preset that fuses another file
         "lightbooth_preset": json.dumps({k: v for k, v in dataclasses.asdict(student_preset(cfg)).items()
-                                         if k != "lora"}),
+                                         if k not in ("lora", "cfg_rescale")}),  # guidance 1: no CFG to rescale
         "lightbooth_distill": json.dumps({
             "method": cfg.method, "states": cfg.states,
             # the built-in model by name: its folder is wherever this package happens to be installed
