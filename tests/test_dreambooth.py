@@ -198,17 +198,22 @@ def test_sd_lora_with_text_encoder_loads_in_lightbooth_and_diffusers(sd_dir, ins
 
     run = runs / "sd"
     code, _, err = db(capsys, *fast(sd_dir, instance_dir, run, "--steps", 3, "--train-text-encoder", "--lr", 1e-2,
-                                    "--batch-size", 2, "--grad-accum", 2))
+                                    "--batch-size", 2, "--grad-accum", 2, "--export", "kohya"))
     assert code == 0, err
     from safetensors import safe_open
 
     with safe_open(run / "lora.safetensors", "pt") as f:
         keys = list(f.keys())
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    with safe_open(run / "lora_kohya.safetensors", "pt") as f:  # the kohya / A1111 / ComfyUI names
+        kohya = list(f.keys())
+    assert any(k.startswith("lora_unet_") for k in kohya) and any(k.startswith("lora_te_") for k in kohya)
+    assert {k.rsplit(".", 2)[-2] for k in kohya if k.endswith(".weight")} == {"lora_down", "lora_up"}
     g = Generator.load(sd_dir, device="cpu")
     base = {n: g.family.components[n].state_dict() for n in ("unet", "text_encoder")}
-    ours = Generator.load(sd_dir, loras=[str(run / "lora.safetensors")], device="cpu").family.components
-    assert_same_weights(ours, stock_fused("sd", sd_dir, run / "lora.safetensors"), base)
+    for lora in ("lora.safetensors", "lora_kohya.safetensors"):
+        ours = Generator.load(sd_dir, loras=[str(run / lora)], device="cpu").family.components
+        assert_same_weights(ours, stock_fused("sd", sd_dir, run / lora), base)
 
 
 def test_full_finetune_saves_a_diffusers_folder(sd_dir, instance_dir, runs, capsys):
