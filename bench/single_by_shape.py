@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def failure_class(mismatches: list[str]) -> str:
@@ -33,19 +34,17 @@ def failure_class(mismatches: list[str]) -> str:
     return "object count"
 
 
-@torch.no_grad()
 def roundtrip_passes(vae, scenes) -> list[bool]:
     """Does each rendered scene pass the strict test after the VAE's encode and decode?"""
+    from vae_recon import round_trip
+
     from lightbooth.data import shapes
     from lightbooth.eval import detector
-    from lightbooth.images import to_pil
-    from lightbooth.training.base import to_tensor
 
     out = []
     for i in range(0, len(scenes), 64):
         part = scenes[i:i + 64]
-        z = vae.encode(to_tensor([shapes.render(s) for s in part])[:, :, None]).latent_dist.mean
-        images = to_pil((vae.decode(z).sample[:, :, 0].clamp(-1, 1) + 1) / 2)
+        images = round_trip(vae, [shapes.render(s) for s in part])
         out += [not detector.mismatches(s, detector.detect(im)) for s, im in zip(part, images)]
     return out
 

@@ -17,14 +17,17 @@ def prompt_lines(path: str | Path) -> Iterator[str]:
     p = Path(path)
     if not p.is_file():
         raise LightboothError(f"prompts file {p} not found; pass a text file with one prompt per line")
-    with p.open(encoding="utf-8") as f:
-        try:
+    try:
+        with p.open(encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     yield line.strip()
-        except UnicodeDecodeError as e:
-            raise LightboothError(f"prompts file {p} is not UTF-8 text (byte {e.start} of a read block: {e.reason}); "
-                                  "save it as UTF-8 with one prompt per line") from None
+    except UnicodeDecodeError as e:
+        raise LightboothError(f"prompts file {p} is not UTF-8 text (byte {e.start} of a read block: {e.reason}); "
+                              "save it as UTF-8 with one prompt per line") from None
+    except OSError as e:
+        raise LightboothError(f"cannot read prompts file {p} ({e.strerror or type(e).__name__}); pass a readable "
+                              "text file with one prompt per line") from None
 
 
 def image_stem(job: Job) -> str:

@@ -130,3 +130,17 @@ def steps_bar():
             return self.trainer.max_steps * self.trainer.accumulate_grad_batches
 
     return StepsBar()
+
+
+def quiet_lightning() -> None:
+    """Keep a training run's stderr to its progress and its own messages: Lightning's info logs, its few-workers
+    hint (the data is cached in memory) and torch's LeafSpec deprecation, which Lightning's own _pytree raises on
+    every batch (theirs to fix), are filtered by message, category and origin."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
+                            r"lightning\.pytorch\.utilities\._pytree")

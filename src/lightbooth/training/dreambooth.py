@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import shutil
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -324,15 +322,10 @@ def fit(cfg: DreamBoothConfig, family, data, run: Path, ckpt_path: Path | None, 
     import lightning as L
 
     from .checkpoints import PeriodicCheckpoint, PlainProgress, run_fit
-    from .common import LossLog, make_logger, steps_bar
+    from .common import LossLog, make_logger, quiet_lightning, steps_bar
     from .dreambooth_module import DreamBoothModule, Validation
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # torch deprecated LeafSpec; Lightning's own _pytree still builds one on every batch (theirs to fix, not ours)
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
-                            r"lightning\.pytorch\.utilities\._pytree")
+    quiet_lightning()
     cuda = torch.cuda.is_available()
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
     strategy = cfg.strategy if cfg.strategy != "auto" else ("ddp_spawn" if cfg.devices > 1 else "auto")

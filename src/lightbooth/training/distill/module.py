@@ -221,11 +221,7 @@ def read_prompts(path: str | None) -> list[str] | None:
     from ...batch import prompt_lines
     from ...errors import LightboothError
 
-    try:
-        prompts = list(prompt_lines(Path(path)))
-    except (OSError, UnicodeDecodeError) as e:
-        raise LightboothError(f"cannot read prompts file {path} ({getattr(e, 'strerror', None) or e.reason}); pass "
-                              "a UTF-8 text file with one prompt per line") from None
+    prompts = list(prompt_lines(Path(path)))  # its own one-line errors for a missing or unreadable file
     if not prompts:
         raise LightboothError(f"prompts file {path} has no prompts; put one prompt per line")
     return prompts

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -198,15 +197,10 @@ def fit(cfg: DistillConfig, family, teacher_preset, sigmas, size, run: Path, ckp
     import lightning as L
 
     from ..checkpoints import PeriodicCheckpoint, PlainProgress, run_fit
-    from ..common import LossLog, make_logger, steps_bar
+    from ..common import LossLog, make_logger, quiet_lightning, steps_bar
     from .module import DistillModule
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    # torch deprecated LeafSpec; Lightning's own _pytree still builds one on every batch (theirs to fix, not ours)
-    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning,
-                            r"lightning\.pytorch\.utilities\._pytree")
+    quiet_lightning()
     ckpt = PeriodicCheckpoint(run / "checkpoints", cfg.checkpoint_every, cfg.keep)
     tty = sys.stderr.isatty()
     trainer = L.Trainer(
