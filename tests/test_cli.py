@@ -120,11 +120,23 @@ def _no_traceback(code, err):
     (["generate", "x", "--width", "0"], "multiple of 8"),
     (["generate", "x", "--device", "tpu"], "unknown device"),
     (["generate", "x", "--devices", "-1"], "--devices"),
+    (["generate", "x", "--seed", "abc"], "Invalid value for '--seed'"),  # click's own, one line too
+    (["generate", "x", "--bogus"], "No such option: --bogus"),
 ])
 def test_bad_settings_are_one_line_exit_2(qwen_dir, tmp_path, capsys, args, needle):
     code, _, err = run(capsys, *args, "--out", str(tmp_path / "o"), "--model", str(qwen_dir))
     assert needle in _no_traceback(code, err)
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_usage_errors_name_the_help_command_and_help_still_exits_0(capsys):
+    from lightbooth.cli import main
+
+    assert main(["generate", "x"]) == 2
+    assert "Missing option '--out'" in _no_traceback(2, capsys.readouterr().err)
+    assert main(["nosuchcommand"]) == 2
+    assert "(see 'lightbooth --help')" in _no_traceback(2, capsys.readouterr().err)
+    assert main(["generate", "--help"]) == 0 and "--out" in capsys.readouterr().out
 
 
 def test_rejected_settings_leave_no_new_out_folder(qwen_dir, tmp_path, capsys):

@@ -292,6 +292,9 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), fake_warmup=-1))
     with pytest.raises(LightboothError, match="--fake-warmup 2 leaves the student no step of --steps 2"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_warmup=2))
+    for guidance in (-5.0, 0.5):
+        with pytest.raises(LightboothError, match="--teacher-guidance must be 1 or more"):
+            train_distill(run_cfg(tmp_path, model=str(qwen_dir), teacher_guidance=guidance))
     assert not (tmp_path / "run").exists()  # refused before anything was written
     assert can_distill(Generator.load(sd_dir, device="cpu").family) and not can_distill(Family.__new__(Family))
 

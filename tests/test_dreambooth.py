@@ -378,6 +378,8 @@ def test_bad_instance_folders_are_one_line_errors(qwen_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["--steps", 0], "'steps' must be at least 1"),
+    (["--num-class-images", 0], "'num_class_images' must be at least 1"),
+    (["--no-prior", "--num-class-images", -1], "'num_class_images' must be 0 or more"),
     (["--logger", "comet"], "unknown logger"),
     (["--export", "ckpt"], "unknown export format"),
     (["--batch-size", 3, "--devices", 2], "multiple of devices"),
@@ -401,6 +403,13 @@ def test_bad_settings_are_one_line_errors(qwen_dir, instance_dir, tmp_path, caps
     code, _, err = db(capsys, *fast(qwen_dir, instance_dir, tmp_path / "run", *args))
     assert needle in one_line(code, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_no_class_images_are_fine_without_prior_preservation(tmp_path):
+    from lightbooth.training.dreambooth import check_config
+
+    check_config(DreamBoothConfig(instance_dir=str(tmp_path), class_noun="star", out=str(tmp_path / "run"),
+                                  prior=False, num_class_images=0))  # was refused although none is made
 
 
 def test_lora_targets_are_checked_before_the_run_folder_is_made(qwen_dir, instance_dir, tmp_path, capsys):

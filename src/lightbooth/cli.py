@@ -293,19 +293,28 @@ class _progress:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback.
 
-    Usage errors are click's own (usage line plus message, exit 2).
+    Usage errors (unknown flag, a value of the wrong type, a missing option) are click's, on one line too; no
+    arguments at all prints the help, as before.
     """
     try:
-        app(args=argv, prog_name="lightbooth")
+        rv = app(args=argv, prog_name="lightbooth", standalone_mode=False)
     except LightboothError as e:
         typer.echo(f"error: {e}", err=True)
         return 2
+    except typer.TyperException as e:  # click's usage errors (typer vendors click; this is their public base)
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help(), err=True)
+        else:
+            message = " ".join(e.format_message().split()) if hasattr(e, "format_message") else str(e)
+            typer.echo(f"error: {message} (see '{ctx.command_path if ctx else 'lightbooth'} --help')", err=True)
+        return getattr(e, "exit_code", 2)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         return 130
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":

@@ -84,8 +84,11 @@ def check_config(cfg: DreamBoothConfig) -> None:
         if not getattr(cfg, key):
             raise LightboothError(f"'{key}' is required (--{key.replace('_', '-')})")
     positive = {"steps": cfg.steps, "rank": cfg.rank, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                "checkpoint_every": cfg.checkpoint_every, "keep": cfg.keep, "devices": cfg.devices,
-                "num_class_images": cfg.num_class_images}
+                "checkpoint_every": cfg.checkpoint_every, "keep": cfg.keep, "devices": cfg.devices}
+    if cfg.prior:  # without prior preservation no class image is made or read, so 0 is fine there
+        positive["num_class_images"] = cfg.num_class_images
+    elif cfg.num_class_images < 0:
+        raise LightboothError(f"'num_class_images' must be 0 or more (got {cfg.num_class_images})")
     for key, v in positive.items():
         if v < 1:
             raise LightboothError(f"'{key}' must be at least 1 (got {v})")

@@ -89,6 +89,9 @@ def check_config(cfg: DistillConfig) -> None:
             raise LightboothError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.shift <= 0:
         raise LightboothError(f"--shift must be positive (got {cfg.shift})")
+    if cfg.teacher_guidance is not None and not cfg.teacher_guidance >= 1:  # NaN too
+        raise LightboothError(f"--teacher-guidance must be 1 or more (got {cfg.teacher_guidance}; 1 means no CFG, "
+                              "less weakens or reverses the teacher's prompt)")
     for name in ("lr", "fake_lr"):  # 0 is allowed: it exports an --init-lora untouched (under another --alpha)
         if getattr(cfg, name) < 0:
             raise LightboothError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(cfg, name)})")
