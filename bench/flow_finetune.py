@@ -12,7 +12,12 @@ template and language, no anchor phase), the learning rate warms up over 100 ste
 of the recipe. `--model MODEL` starts instead from a finished model folder (the shipped one: `--model builtin`):
 its tokenizer, VAE, text encoder and transformer, the recipe it records in lightbooth.json, and a latent cache
 encoded afresh with its VAE (about a minute). `--emphasize SHAPES --weight W` draws scenes holding any of those
-shapes W times as often as the others (sampling with replacement).
+shapes W times as often as the others (sampling with replacement); an item `SHAPE:SIZE:KIND` (`star:large:single`)
+narrows it to objects of that size in scenes of that kind. `--kinds`, `--shapes` and `--sizes` keep only the scenes
+of those kinds whose every object has one of those shapes and sizes (the others are never drawn). `--layers N`
+grows the transformer to N blocks: the new ones are appended with their modulation layers zeroed (adaLN-zero: each
+starts as the identity, so the grown model starts as the given one). `--ema-decay` sets the exported EMA's decay
+(the recipe's 0.999 keeps a fifth of the starting weights after 1,500 steps).
 With `--max-sigma` below 1 the noise levels are `max_sigma` times a logit-normal draw (shift 1), so
 every step trains on noise levels below it; 1 keeps the recipe's shifted draw. OUT/model is a model folder like
 the shipped one.
@@ -49,16 +54,28 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--emphasize", default="", help="comma-separated shapes drawn --weight times as often")
+    ap.add_argument("--emphasize", default="",
+                    help="comma-separated SHAPE[:SIZE[:KIND]] drawn --weight times as often (star, star:large:single)")
     ap.add_argument("--weight", type=float, default=1.0)
+    ap.add_argument("--kinds", default="", help="comma-separated scene kinds kept (default: all)")
+    ap.add_argument("--shapes", default="", help="comma-separated shapes kept (every object one of them)")
+    ap.add_argument("--sizes", default="", help="comma-separated sizes kept (every object one of them)")
+    ap.add_argument("--layers", type=int, default=0, help="grow the transformer to this many blocks (--model only)")
+    ap.add_argument("--ema-decay", type=float, default=0.0, help="the EMA's decay (default: the recipe's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model:
         cfg, tokenizer, vae, weights, latents = from_model(args.model)
     else:
         cfg = load_config(B.BaseTrainConfig, args.run / "config.yaml")
-    cfg = dataclasses.replace(cfg, lr=args.lr, warmup=100, steps=args.steps, anchor_steps=0, checkpoint_every=500,
-                              threads=args.threads)
+    grow = dict(layers=args.layers) if args.layers else {}  # and the EMA's decay, when given
+    if args.layers and (not args.model or args.layers < cfg.layers):
+        print(f"error: --layers needs --model and at least the model's {cfg.layers} blocks", file=sys.stderr)
+        return 2
+    if args.ema_decay:
+        grow["ema_decay"] = args.ema_decay
+    cfg = dataclasses.replace(cfg, **grow, lr=args.lr, warmup=100, steps=args.steps, anchor_steps=0,
+                              checkpoint_every=500, threads=args.threads)
     L.seed_everything(cfg.seed + 1, workers=True, verbose=False)  # other noise draws than the run's own
     if not args.model:
         tokenizer = Qwen2Tokenizer.from_pretrained(str(args.run / "tokenizer"))
@@ -73,19 +90,28 @@ def main(argv=None) -> int:
 
     module = Finetune(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
     if args.model:
-        module.net.load_state_dict(weights)
-        module.ema.module.load_state_dict(weights)
+        module.net.load_state_dict(weights, strict=not args.layers)
+        with torch.no_grad():
+            for block in module.net["transformer"].transformer_blocks[len(_blocks(weights)):]:
+                for mod in (block.img_mod[1], block.txt_mod[1]):
+                    mod.weight.zero_()
+                    mod.bias.zero_()
+        module.ema.module.load_state_dict(module.net.state_dict())
     else:
         ckpt = newest_valid_checkpoint(args.run / "flow")
         module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
         module.net.load_state_dict(module.ema.module.state_dict())
     module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0)  # the seed the latents were drawn with
-    emphasized = {x for x in args.emphasize.split(",") if x}
-    if emphasized and args.weight != 1:
-        w = [args.weight if {o.shape for o in module.captions.scene(i).objects} & emphasized else 1.0
-             for i in range(len(latents))]
+    emphasized = {tuple(x.split(":")) for x in args.emphasize.split(",") if x}
+    keep = [set(x for x in a.split(",") if x) for a in (args.kinds, args.shapes, args.sizes)]
+    if (emphasized and args.weight != 1) or any(keep):
+        w = [scene_weight(module.captions.scene(i), emphasized, args.weight, *keep) for i in range(len(latents))]
+        if not any(w):
+            print("error: no cached scene passes --kinds / --shapes / --sizes", file=sys.stderr)
+            return 2
         order = dict(sampler=torch.utils.data.WeightedRandomSampler(w, cfg.steps * cfg.batch, replacement=True))
-        print(f"{sum(x != 1 for x in w)} of {len(w)} scenes hold {sorted(emphasized)}, drawn {args.weight}x as often")
+        print(f"{sum(x > 0 for x in w)} of {len(w)} scenes kept, {sum(x > 1 for x in w)} hold {args.emphasize}"
+              f" and are drawn {args.weight}x as often")
     else:
         order = dict(shuffle=True)
     loader = torch.utils.data.DataLoader(module.captions, batch_size=cfg.batch, collate_fn=B.collate, drop_last=True,
@@ -95,6 +121,24 @@ def main(argv=None) -> int:
     ema = module.ema.module
     print(B.export_pipeline(cfg, args.out, tokenizer, vae, ema["text_encoder"].eval(), ema["transformer"].eval()))
     return 0
+
+
+def scene_weight(scene, emphasized: set, weight: float, kinds: set, shapes: set, sizes: set) -> float:
+    """How often a cached scene is drawn: 0 when a filter drops it, `weight` when it holds an emphasized shape."""
+    if (kinds and scene.kind not in kinds) or (shapes and any(o.shape not in shapes for o in scene.objects)) \
+            or (sizes and any(o.size not in sizes for o in scene.objects)):
+        return 0.0
+    return weight if any(_holds(scene, *item) for item in emphasized) else 1.0
+
+
+def _holds(scene, shape: str, size: str = "", kind: str = "") -> bool:
+    """Is there an object of that shape (and size) in the scene (of that kind)?"""
+    return (not kind or scene.kind == kind) and any(o.shape == shape and (not size or o.size == size)
+                                                    for o in scene.objects)
+
+
+def _blocks(weights: dict) -> set:
+    return {k.split(".")[2] for k in weights if k.startswith("transformer.transformer_blocks.")}
 
 
 def from_model(name: str):
