@@ -110,7 +110,8 @@ def main(argv=None) -> int:
             print("error: no cached scene passes --kinds / --shapes / --sizes", file=sys.stderr)
             return 2
         order = dict(sampler=torch.utils.data.WeightedRandomSampler(w, cfg.steps * cfg.batch, replacement=True))
-        print(f"{sum(x > 0 for x in w)} of {len(w)} scenes kept, {sum(x not in (0, 1) for x in w)} hold {args.emphasize}"
+        weighted = sum(x not in (0, 1) for x in w)
+        print(f"{sum(x > 0 for x in w)} of {len(w)} scenes kept, {weighted} hold {args.emphasize}"
               f" and are drawn {args.weight}x as often")
     else:
         order = dict(shuffle=True)
