@@ -62,7 +62,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="distillation steps per method")
     ap.add_argument("--student-steps", type=int, default=4)
     ap.add_argument("--naive-steps", default=None, help="step counts of the naive rows, e.g. 4,8 (default: "
-                    "--student-steps)")
+                    "--student-steps; none: no naive row)")
     ap.add_argument("--n", type=int, default=16, help="eval prompts per kind and language")
     ap.add_argument("--kinds", default="single,pair,count", help="scene kinds to score (comma-separated; empty: "
                     "only variety and times)")
@@ -81,7 +81,8 @@ def main() -> int:
 
         guidance.cfg_norm_rescale = guidance.cfg  # looked up at each call by the qwen-image family
     out = Path(args.out)
-    naive = [int(k) for k in (args.naive_steps or str(args.student_steps)).split(",")]
+    naive = args.naive_steps or str(args.student_steps)
+    naive = [] if naive == "none" else [int(k) for k in naive.split(",")]
     rows = [("teacher (preset base: its 20 steps with CFG)", [], dict(preset="base"))]
     rows += [(f"teacher, naive {k} steps, CFG 1, shift 3", [], dict(preset="lightning", steps=k)) for k in naive]
     for method in [m for m in args.methods.split(",") if m and m != "none"]:

@@ -13,7 +13,9 @@ of the recipe. `--model MODEL` starts instead from a finished model folder (the 
 its tokenizer, VAE, text encoder and transformer, the recipe it records in lightbooth.json, and a latent cache
 encoded afresh with its VAE (about a minute). `--emphasize SHAPES --weight W` draws scenes holding any of those
 shapes W times as often as the others (sampling with replacement); an item `SHAPE:SIZE:KIND` (`star:large:single`)
-narrows it to objects of that size in scenes of that kind. `--kinds`, `--shapes` and `--sizes` keep only the scenes
+narrows it to objects of that size in scenes of that kind, and `ITEM=W` gives that item its own weight.
+`--per-kind` then rescales the weights so that each scene kind keeps its share of the draws (emphasis moves draws
+between the scenes of one kind only). `--kinds`, `--shapes` and `--sizes` keep only the scenes
 of those kinds whose every object has one of those shapes and sizes (the others are never drawn). `--layers N`
 grows the transformer to N blocks: the new ones are appended with their modulation layers zeroed (adaLN-zero: each
 starts as the identity, so the grown model starts as the given one). `--ema-decay` sets the exported EMA's decay
@@ -55,8 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--emphasize", default="",
-                    help="comma-separated SHAPE[:SIZE[:KIND]] drawn --weight times as often (star, star:large:single)")
+                    help="comma-separated SHAPE[:SIZE[:KIND]][=W] drawn W (or --weight) times as often")
     ap.add_argument("--weight", type=float, default=1.0)
+    ap.add_argument("--per-kind", action="store_true", help="keep each scene kind's share of the draws")
     ap.add_argument("--kinds", default="", help="comma-separated scene kinds kept (default: all)")
     ap.add_argument("--shapes", default="", help="comma-separated shapes kept (every object one of them)")
     ap.add_argument("--sizes", default="", help="comma-separated sizes kept (every object one of them)")
@@ -102,17 +105,27 @@ def main(argv=None) -> int:
         module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
         module.net.load_state_dict(module.ema.module.state_dict())
     module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0)  # the seed the latents were drawn with
-    emphasized = {tuple(x.split(":")) for x in args.emphasize.split(",") if x}
+    try:
+        emphasized = parse_emphasis(args.emphasize, args.weight)
+    except ValueError as err:
+        print(f"error: --emphasize: {err} (write SHAPE[:SIZE[:KIND]][=W], e.g. star:large:single=30)", file=sys.stderr)
+        return 2
     keep = [set(x for x in a.split(",") if x) for a in (args.kinds, args.shapes, args.sizes)]
-    if (emphasized and args.weight != 1) or any(keep):
-        w = [scene_weight(module.captions.scene(i), emphasized, args.weight, *keep) for i in range(len(latents))]
+    if any(x != 1 for x in emphasized.values()) or any(keep):
+        scenes = [module.captions.scene(i) for i in range(len(latents))]
+        w = [scene_weight(scene, emphasized, *keep) for scene in scenes]
         if not any(w):
             print("error: no cached scene passes --kinds / --shapes / --sizes", file=sys.stderr)
             return 2
+        if args.per_kind:
+            w = per_kind(w, [scene.kind for scene in scenes])
+        share = {k: sum(x for x, s in zip(w, scenes) if s.kind == k) / sum(w) for k in {s.kind for s in scenes}}
+        print("share of draws per kind: " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(share.items())))
+        for item, weight in emphasized.items():
+            held = sum(x for x, s in zip(w, scenes) if _holds(s, *item))
+            print(f"{':'.join(item)} (weight {weight:g}): {held / sum(w):.1%} of draws")
         order = dict(sampler=torch.utils.data.WeightedRandomSampler(w, cfg.steps * cfg.batch, replacement=True))
-        weighted = sum(x not in (0, 1) for x in w)
-        print(f"{sum(x > 0 for x in w)} of {len(w)} scenes kept, {weighted} hold {args.emphasize}"
-              f" and are drawn {args.weight}x as often")
+        print(f"{sum(x > 0 for x in w)} of {len(w)} scenes kept")
     else:
         order = dict(shuffle=True)
     loader = torch.utils.data.DataLoader(module.captions, batch_size=cfg.batch, collate_fn=B.collate, drop_last=True,
@@ -124,12 +137,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def scene_weight(scene, emphasized: set, weight: float, kinds: set, shapes: set, sizes: set) -> float:
-    """How often a cached scene is drawn: 0 when a filter drops it, `weight` when it holds an emphasized shape."""
+def parse_emphasis(text: str, weight: float) -> dict:
+    """`star:large:single=30,cross` -> {("star", "large", "single"): 30.0, ("cross",): weight}."""
+    items = {}
+    for part in filter(None, text.split(",")):
+        item, _, w = part.partition("=")
+        items[tuple(item.split(":"))] = float(w) if w else weight
+        if not 0 < items[tuple(item.split(":"))] < float("inf") or len(item.split(":")) > 3:
+            raise ValueError(f"bad item {part!r}")
+    return items
+
+
+def scene_weight(scene, emphasized: dict, kinds: set, shapes: set, sizes: set) -> float:
+    """How often a cached scene is drawn: 0 when a filter drops it, else the largest weight of an emphasized item
+    it holds (1 when it holds none)."""
     if (kinds and scene.kind not in kinds) or (shapes and any(o.shape not in shapes for o in scene.objects)) \
             or (sizes and any(o.size not in sizes for o in scene.objects)):
         return 0.0
-    return weight if any(_holds(scene, *item) for item in emphasized) else 1.0
+    return max([w for item, w in emphasized.items() if _holds(scene, *item)], default=1.0)
+
+
+def per_kind(weights: list, kinds: list) -> list:
+    """Rescale the weights so that each kind's draws are its share of the kept scenes, as without emphasis."""
+    kept, total = {}, {}
+    for w, k in zip(weights, kinds):
+        kept[k] = kept.get(k, 0) + (w > 0)
+        total[k] = total.get(k, 0.0) + w
+    return [w * kept[k] / total[k] if w else 0.0 for w, k in zip(weights, kinds)]
 
 
 def _holds(scene, shape: str, size: str = "", kind: str = "") -> bool:
