@@ -143,6 +143,11 @@ def test_distill_writes_a_lightning_format_lora_that_generate_and_diffusers_load
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
 
 
+def test_resume_auto_on_a_new_run_folder_says_that_it_starts_fresh(qwen_dir, tmp_path, capsys):
+    path = train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", steps=1), resume="auto")
+    assert path.is_file() and "--resume auto found no checkpoint" in capsys.readouterr().err
+
+
 def test_a_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(qwen_dir, tmp_path):
     straight = train_distill(run_cfg(tmp_path / "a", model=str(qwen_dir), method="dmd", steps=4, fake_updates=2))
     train_distill(run_cfg(tmp_path / "b", model=str(qwen_dir), method="dmd", steps=2, fake_updates=2))

@@ -36,6 +36,15 @@ def newest_valid_checkpoint(folder: Path) -> Path | None:
     return None
 
 
+def auto_checkpoint(folder: Path) -> Path | None:
+    """`--resume auto`: the newest readable checkpoint in `folder`, or None (said on stderr: the run starts at
+    step 0, so a mistyped --out does not pass for a resumed run)."""
+    path = newest_valid_checkpoint(folder)
+    if path is None:
+        print(f"note: --resume auto found no checkpoint in {folder}; starting at step 0", file=sys.stderr)
+    return path
+
+
 def check_checkpoint(path: Path) -> None:
     """`--resume PATH`: a one-line error unless `path` is a readable training checkpoint (read as tensors and plain
     data only, memory-mapped, so nothing in it runs and a large one costs no memory)."""

@@ -151,7 +151,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     from ..data.instance import load_instance_images
     from ..generate import Generator
     from ..models import resolve_model
-    from .checkpoints import check_checkpoint, newest_valid_checkpoint, prepare_run_folder
+    from .checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder
 
     cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
@@ -180,7 +180,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     prepare_run_folder(run, cfg, resume is not None, overwrite, RESUMABLE_CHANGES,
                        inputs=(cfg.instance_dir, cfg.class_dir, cfg.model))
     if resume == "auto":
-        ckpt_path = newest_valid_checkpoint(run / "checkpoints")
+        ckpt_path = auto_checkpoint(run / "checkpoints")
 
     data = cache_data(cfg, family, images, class_image_paths(cfg, gen, model_path, run) if cfg.prior else [])
     val_conds = release_text_encoder(cfg, family)

@@ -124,7 +124,7 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
     from ...families.base import DISTILL_METHODS, can_distill
     from ...generate import Generator, parse_lora_spec
     from ...models import resolve_model
-    from ..checkpoints import check_checkpoint, newest_valid_checkpoint, prepare_run_folder
+    from ..checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder
 
     cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
@@ -133,7 +133,7 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
         torch.set_num_threads(cfg.threads)
     ckpt_path = None
     if resume:
-        ckpt_path = newest_valid_checkpoint(run / "checkpoints") if resume == "auto" else Path(resume)
+        ckpt_path = auto_checkpoint(run / "checkpoints") if resume == "auto" else Path(resume)
         if resume != "auto":
             check_checkpoint(ckpt_path)
     gen = Generator.load(cfg.model, loras=tuple(cfg.loras), device="cuda" if torch.cuda.is_available() else "cpu",
