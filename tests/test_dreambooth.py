@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightbooth.atomic import new_file_mode
 from lightbooth.cli import main
 from lightbooth.data import shapes
 from lightbooth.training.checkpoints import checkpoint_steps
@@ -223,6 +224,7 @@ def test_full_finetune_saves_a_diffusers_folder(sd_dir, instance_dir, runs, caps
     code, out, err = db(capsys, *fast(sd_dir, instance_dir, run, "--steps", 2, "--full", "--no-prior", "--lr", 1e-3))
     assert code == 0, err
     assert out.strip() == str(run / "model") and not (run / "lora.safetensors").exists()
+    assert {f.stat().st_mode & 0o777 for f in (run / "model").rglob("*.safetensors")} == {new_file_mode()}
     tuned = Generator.load(run / "model", device="cpu")
     base = Generator.load(sd_dir, device="cpu")
     w = dict(tuned.family.denoiser.named_parameters())

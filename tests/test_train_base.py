@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightbooth.atomic import new_file_mode
 from lightbooth.cli import main
 from lightbooth.training.checkpoints import checkpoint_steps, newest_valid_checkpoint
 
@@ -28,6 +29,9 @@ def test_run_folder_holds_every_stage_and_a_diffusers_model(tiny_run):
     assert [s for s, _ in checkpoint_steps(tiny_run / "flow")] == [6, 3]  # every 3 steps, keep 2
     settings = json.loads((tiny_run / "model" / "lightbooth.json").read_text())
     assert settings["presets"]["base"]["steps"] == 20 and settings["default_preset"] == "base"
+    modes = {f.relative_to(tiny_run).as_posix(): f.stat().st_mode & 0o777 for f in (tiny_run / "model").rglob("*.*")}
+    assert modes["model/transformer/diffusion_pytorch_model.safetensors"] == new_file_mode()  # save_pretrained: 0600
+    assert set(modes.values()) == {new_file_mode()}, modes
 
 
 def test_stock_diffusers_generates_from_the_exported_model(tiny_run):

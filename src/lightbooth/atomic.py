@@ -34,6 +34,15 @@ def temp_file(folder: Path | str, prefix: str = ".tmp-", suffix: str = "") -> tu
     return fd, tmp
 
 
+def open_up(folder: Path | str) -> None:
+    """Give every file under `folder` the mode of an ordinary new file: `save_pretrained` (diffusers 0.42,
+    transformers 5) writes its weights through temporary files of its own and leaves them 0600."""
+    mode = new_file_mode()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` (UTF-8) to `path`: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)

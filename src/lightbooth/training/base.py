@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_text_atomic
+from ..atomic import open_up, write_text_atomic
 from ..data import novel, shapes
 from ..errors import LightboothError
 from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_length
@@ -280,6 +280,7 @@ def export_pipeline(cfg: BaseTrainConfig, run: Path, tokenizer, vae, text_encode
                 "guidance": cfg.default_guidance, "sampler": "flow_euler"}},
                 "trained_with": dataclasses.asdict(cfg)}
     write_text_atomic(tmp / "lightbooth.json", json.dumps(settings, indent=1))
+    open_up(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import open_up
 from ..errors import LightboothError
 from .common import LOGGERS, trainable_in_fp32
 
@@ -385,6 +386,7 @@ def export_full(family, text_encoder, model_path: Path, run: Path) -> Path:
     family.denoiser.save_pretrained(str(tmp / family.denoiser_name), safe_serialization=True)
     if text_encoder is not None:
         text_encoder.save_pretrained(str(tmp / "text_encoder"), safe_serialization=True)
+    open_up(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
