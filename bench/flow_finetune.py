@@ -142,9 +142,10 @@ def parse_emphasis(text: str, weight: float) -> dict:
     items = {}
     for part in filter(None, text.split(",")):
         item, _, w = part.partition("=")
-        items[tuple(item.split(":"))] = float(w) if w else weight
-        if not 0 < items[tuple(item.split(":"))] < float("inf") or len(item.split(":")) > 3:
+        key, value = tuple(item.split(":")), float(w) if w else weight
+        if not 0 < value < float("inf") or len(key) > 3:
             raise ValueError(f"bad item {part!r}")
+        items[key] = value
     return items
 
 
