@@ -248,3 +248,10 @@ def test_bad_api_arguments_are_lightbooth_errors(qwen_gen):
                            (dict(loras=[("x.safetensors", float("nan"))]), "finite")):
         with pytest.raises(LightboothError, match=needle):
             Generator.load(qwen_gen.family.path, **kwargs)
+
+
+def test_tiny_models_have_ordinary_file_modes(qwen_dir, sd_dir):
+    from lightbooth.atomic import new_file_mode
+
+    modes = {f.stat().st_mode & 0o777 for d in (qwen_dir, sd_dir) for f in d.rglob("*.safetensors")}
+    assert modes == {new_file_mode()}  # save_pretrained alone leaves weights 0600

@@ -29,8 +29,10 @@ def test_run_folder_holds_every_stage_and_a_diffusers_model(tiny_run):
     assert [s for s, _ in checkpoint_steps(tiny_run / "flow")] == [6, 3]  # every 3 steps, keep 2
     settings = json.loads((tiny_run / "model" / "lightbooth.json").read_text())
     assert settings["presets"]["base"]["steps"] == 20 and settings["default_preset"] == "base"
-    modes = {f.relative_to(tiny_run).as_posix(): f.stat().st_mode & 0o777 for f in (tiny_run / "model").rglob("*.*")}
+    modes = {f.relative_to(tiny_run).as_posix(): f.stat().st_mode & 0o777
+             for part in ("model", "vae/final", "decoder/final") for f in (tiny_run / part).rglob("*.*")}
     assert modes["model/transformer/diffusion_pytorch_model.safetensors"] == new_file_mode()  # save_pretrained: 0600
+    assert modes["decoder/final/diffusion_pytorch_model.safetensors"] == new_file_mode()
     assert set(modes.values()) == {new_file_mode()}, modes
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import open_up
 from .bpe import train_byte_bpe
 from .families.qwen_image import QWEN_PROMPT_TEMPLATE
 
@@ -139,6 +140,7 @@ def save_pipeline(family: str, components: dict, path: str | Path) -> Path:
         pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipe.save_pretrained(str(path), safe_serialization=True)
+    open_up(path)  # save_pretrained leaves its weights 0600
     return Path(path)
 
 

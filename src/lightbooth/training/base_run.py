@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..atomic import open_up
 from ..errors import LightboothError
 from ..families.qwen_image import prompt_embeds, template_prefix_length
 from ..families.qwen_vae import fast_rms_norms, single_frame_convs
@@ -252,6 +253,7 @@ def _vae_stage(cfg: B.BaseTrainConfig, run: Path):
     mean, std = B.latent_stats(vae, cfg.seed)
     vae.register_to_config(latents_mean=mean, latents_std=std)
     vae.save_pretrained(str(final), safe_serialization=True)
+    open_up(final)
     mark_done(run, "vae")
     return vae
 
@@ -274,6 +276,7 @@ def _finish_vae_stage(vae, run: Path, stage: str):
     """A fine-tuned VAE stage's result, frozen, saved to RUN/stage/final and marked done."""
     vae = vae.eval().requires_grad_(False)
     vae.save_pretrained(str(run / stage / "final"), safe_serialization=True)
+    open_up(run / stage / "final")
     mark_done(run, stage)
     return vae
 
