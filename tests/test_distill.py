@@ -484,3 +484,57 @@ def test_sd_trajectory_distillation_brings_the_few_step_student_toward_the_teach
     assert distilled.settings().preset == student
     after = float((latents(distilled, student) - target).abs().mean())
     assert after < 0.8 * before, (before, after)
+
+
+def test_gan_pieces_give_the_gradients_and_logits_they_promise():
+    from lightbooth.training.distill import gan
+
+    x, g = torch.randn(2, 5, requires_grad=True), torch.randn(2, 5)
+    gan.generator_surrogate(x, g).backward()
+    assert torch.equal(x.grad, g)
+    head = gan.head(3)
+    tokens, pixels = torch.randn(2, 7, 3), torch.randn(2, 3, 4, 4)
+    assert gan.logits(head, tokens).shape == (2,) and gan.logits(head, pixels).shape == (2,)
+    assert torch.allclose(gan.logits(head, pixels), head(pixels.flatten(2).transpose(1, 2)).mean(dim=(1, 2)))
+    zero = torch.zeros(3)
+    assert gan.critic_loss(zero, zero).item() == pytest.approx(2 * np.log(2))
+    assert gan.critic_loss(torch.full((3,), 9.0), torch.full((3,), -9.0)).item() < 1e-3  # a perfect critic
+    pixels, captions = gan.shapes_batch(0, 5, 3)
+    again, same = gan.shapes_batch(0, 5, 3)
+    assert pixels.shape == (3, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1 and len(captions) == 3
+    assert torch.equal(pixels, again) and captions == same  # a pure function of (seed, step): resumes replay it
+
+
+@pytest.mark.parametrize("model", ["qwen_dir", "sd_v_dir"])
+def test_the_gan_term_trains_a_classifier_and_resumes_exactly(model, request, tmp_path):
+    path = str(request.getfixturevalue(model))
+    kw = dict(model=path, method="dmd", fake_updates=1, gan_weight=0.5, gan_d_weight=0.1, fake_lr=1e-2, lr=1e-2,
+              width=64, height=64)
+    straight = train_distill(run_cfg(tmp_path / "a", steps=3, **kw))
+    train_distill(run_cfg(tmp_path / "b", steps=2, **kw))
+    resumed = train_distill(run_cfg(tmp_path / "b", steps=3, **kw), resume="auto")
+    (a, _), (b, _) = load_safetensors(straight), load_safetensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def classifier(step: int) -> dict:
+        ckpt = torch.load(tmp_path / "a" / "run" / "checkpoints" / f"step-{step:08d}.ckpt", map_location="cpu",
+                          weights_only=True)
+        return {k: v for k, v in ckpt["state_dict"].items() if k.startswith("classifier.")}
+
+    first, last = classifier(1), classifier(3)
+    assert first and all(torch.isfinite(v).all() for v in last.values())
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the critic learns
+    lines = [json.loads(x) for x in (tmp_path / "a" / "run" / "losses.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["loss"]) for x in lines)
+
+
+def test_the_gan_term_refuses_what_it_cannot_do(qwen_dir, tmp_path):
+    with pytest.raises(LightboothError, match="--gan-weight applies to --method dmd only"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", gan_weight=0.1))
+    with pytest.raises(LightboothError, match="must be 0 or more"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), gan_weight=-1.0))
+    with pytest.raises(LightboothError, match="unknown --gan-data 'photos'"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), gan_weight=0.1, gan_data="photos"))
+    with pytest.raises(LightboothError, match="holds 64 x 64 images but this run makes 128 x 64; pass --width 64"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), gan_weight=0.1, width=128, height=64))
+    assert not (tmp_path / "run").exists()
