@@ -197,16 +197,6 @@ def distill(
     fake_updates: Optional[int] = typer.Option(None, "--fake-updates", help="DMD critic updates per student update."),
     fake_warmup: Optional[int] = typer.Option(None, "--fake-warmup", help="DMD: first steps that train only the "
                                               "critic (default 0; for a warm-started student)."),
-    gan_weight: Optional[float] = typer.Option(None, "--gan-weight", help="DMD: weight of the student's adversarial "
-                                               "loss (DMD2's GAN term; default 0, off)."),
-    gan_d_weight: Optional[float] = typer.Option(None, "--gan-d-weight", help="DMD: weight of the classifier's GAN "
-                                                 "loss (default 0.01)."),
-    gan_lr: Optional[float] = typer.Option(None, "--gan-lr", help="DMD: the GAN classifier's learning rate "
-                                           "(default 1e-3)."),
-    gan_max_level: Optional[float] = typer.Option(None, "--gan-max-level", help="DMD: the GAN classifier's "
-                                                  "highest noise level, a share of the top one (default 1)."),
-    gan_data: Optional[str] = typer.Option(None, "--gan-data", help="Real images for the GAN term: shapes "
-                                           "(rendered shapes-world scenes; 64 x 64 models)."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),
     alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default: the rank)."),
     init_lora: Optional[str] = typer.Option(None, "--init-lora", help="Start the student from this LoRA (e.g. the "

@@ -198,10 +198,6 @@ class Family:
         """Run `preset`'s sampler from noise `x` (B, ...) to clean latents, CFG batched into one forward."""
         raise NotImplementedError
 
-    def to_samples(self, latents: torch.Tensor) -> torch.Tensor:
-        """Training latents (B, C, h, w) -> the layout `noise` and the sampler use (qwen-image packs them)."""
-        return latents
-
     def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1]."""
         raise NotImplementedError

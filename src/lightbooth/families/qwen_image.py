@@ -108,9 +108,6 @@ class QwenImageFamily(Family):
                      img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]  # (B, N, 4C)
         return flow_matching_loss(v, pack(x0), pack(noise), per_sample=True)
 
-    def to_samples(self, latents):
-        return pack(latents)
-
     def latent_hw(self, width: int, height: int) -> tuple[int, int]:
         return height // self.vae_scale, width // self.vae_scale
 

@@ -21,7 +21,7 @@ from ...sampling import schedules
 from ..checkpoints import check_checkpoint_weights
 from ..common import draw_seed, lr_lambda, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
-from . import gan, methods
+from . import methods
 
 STUDENT, FAKE = "student", "fake"
 
@@ -88,10 +88,6 @@ class DistillModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the adapters
         self.last_loss: torch.Tensor | None = None
         self._encoded: dict[str, Cond] = {}  # the negative prompt, and a prompts file's prompts (a finite set)
-        if cfg.gan_weight:  # DMD2's classifier on the fake score's features (gan.py)
-            self.features = gan.feature_module(self.denoiser)
-            torch.manual_seed(cfg.seed)
-            self.classifier = gan.head(gan.feature_width(self.features)).to(self.denoiser.device)
 
     def train_dataloader(self):
         return spec_loader(Iterations(self.trainer.global_step))
@@ -179,41 +175,11 @@ class DistillModule(L.LightningModule):
                 with adapter(self.denoiser, FAKE):
                     fake = methods.x0_estimate(xt, self.velocity(cond)(xt, t), t)
             loss = loss + methods.dmd_loss(x0, real, fake)
-            if self.cfg.gan_weight:
-                loss = loss + self.cfg.gan_weight * self.gan_generator(g, x0, cond)
         t2, n2 = self.levels(g, n, 2), self.noise(g, n, 2)
         clean = x0.detach()
         with adapter(self.denoiser, FAKE):  # the fake score learns the student's current distribution
             v = self.velocity(cond)(methods.renoise(clean, n2, t2), t2)
-        loss = loss + flow_matching_loss(v, clean, n2)
-        if self.cfg.gan_weight:
-            pixels, captions = gan.shapes_batch(self.cfg.seed, g, n)
-            with torch.no_grad():
-                real = self.family.to_samples(self.family.encode_images(pixels)).float().to(self.device)
-            critic = gan.critic_loss(self.gan_logits(g, 3, real, self.conds(captions)[0]),
-                                     self.gan_logits(g, 4, clean, cond))
-            self.log("gan_critic", critic)
-            loss = loss + self.cfg.gan_d_weight * critic
-        return loss
-
-    def gan_logits(self, g: int, stream: int, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The classifier's logits for clean samples x0 re-noised at levels drawn evenly over the student's range
-        (not the shifted levels of the scores: the classifier tells real from fake at low noise, not at high)."""
-        n = len(x0)
-        u = torch.rand(n, generator=torch.Generator().manual_seed(draw_seed(self.cfg.seed, g, stream)))
-        t = (u.clamp(0.02, 0.98) * self.cfg.gan_max_level * self.student_sigmas[0]).to(self.device)
-        with adapter(self.denoiser, FAKE), gan.captured(self.features) as feats:
-            self.velocity(cond)(methods.renoise(x0, self.noise(g, n, stream), t), t)
-        return gan.logits(self.classifier, feats[0])
-
-    def gan_generator(self, g: int, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The student's adversarial loss on its samples; its gradient reaches x0 only (the classifier and the fake
-        score are the critic's, trained on their own loss)."""
-        leaf = x0.detach().requires_grad_(True)
-        adv = gan.generator_loss(self.gan_logits(g, 5, leaf, cond))
-        grad, = torch.autograd.grad(adv, leaf)
-        self.log("gan_generator", adv.detach())
-        return gan.generator_surrogate(x0, grad)
+        return loss + flow_matching_loss(v, clean, n2)
 
     def teacher_sigmas(self) -> torch.Tensor:
         return self.family.schedule(self.teacher, self.family.image_tokens(self.width, self.height))
@@ -232,8 +198,6 @@ class DistillModule(L.LightningModule):
         groups = [{"params": [p for n, p in self.denoiser.named_parameters() if f".{STUDENT}." in n],
                    "lr": self.cfg.lr}]
         fake = [p for n, p in self.denoiser.named_parameters() if f".{FAKE}." in n]
-        if self.cfg.gan_weight:
-            groups.append({"params": list(self.classifier.parameters()), "lr": self.cfg.gan_lr})
         if fake:
             groups.append({"params": fake, "lr": self.cfg.fake_lr})
         opt = torch.optim.AdamW(groups, weight_decay=0.0)  # params without a gradient this step are skipped

@@ -19,7 +19,6 @@ import torch
 
 from ...errors import LightboothError
 from ..common import LOGGERS, trainable_in_fp32
-from .gan import GAN_DATA
 
 METHODS = ("dmd", "trajectory")
 STATES = ("teacher", "student")
@@ -58,13 +57,6 @@ class DistillConfig:
     init_lora: str | None = None  # the student starts from this LoRA file (e.g. the student of the teacher's previous
     # version, or a shorter run) instead of from zero; same targets and rank as this run's
     alpha: float | None = None  # LoRA alpha; None: equal to the rank
-    # DMD2's adversarial term (distill/gan.py): a classifier head on the fake score's features learns real images
-    # from the student's (weight gan_d_weight) and the student learns to pass as real (weight gan_weight; 0: off)
-    gan_weight: float = 0.0
-    gan_d_weight: float = 1e-2
-    gan_lr: float = 1e-3  # the classifier head's learning rate (it starts from random weights)
-    gan_max_level: float = 1.0  # the classifier sees noise levels drawn evenly below this share of the top level
-    gan_data: str = "shapes"  # the real images: rendered shapes-world scenes and captions (64 x 64 models)
     checkpoint_every: int = 100
     keep: int = 2  # checkpoints kept
     logger: str = "tensorboard"  # tensorboard, wandb, mlflow or none
@@ -108,15 +100,6 @@ def check_config(cfg: DistillConfig) -> None:
     for name in ("seed", "threads"):
         if getattr(cfg, name) < 0:
             raise LightboothError(f"--{name} must be 0 or more (got {getattr(cfg, name)})")
-    if min(cfg.gan_weight, cfg.gan_d_weight, cfg.gan_lr) < 0:
-        raise LightboothError("--gan-weight, --gan-d-weight and --gan-lr must be 0 or more")
-    if not 0 < cfg.gan_max_level <= 1:
-        raise LightboothError(f"--gan-max-level must be in (0, 1] (got {cfg.gan_max_level})")
-    if cfg.gan_weight and cfg.method != "dmd":
-        raise LightboothError("--gan-weight applies to --method dmd only (its classifier reads DMD's fake score); "
-                              "drop it or pass --method dmd")
-    if cfg.gan_data not in GAN_DATA:
-        raise LightboothError(f"unknown --gan-data {cfg.gan_data!r}; choose one of {', '.join(GAN_DATA)}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise LightboothError(f"unknown --lr-schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
     if cfg.logger not in LOGGERS:
@@ -162,9 +145,6 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
                               f"({', '.join(DISTILL_METHODS)})")
     teacher = gen.settings(preset=cfg.teacher_preset or "base", steps=cfg.teacher_steps, guidance=cfg.teacher_guidance,
                            width=cfg.width, height=cfg.height)
-    if cfg.gan_weight and (teacher.width, teacher.height) != (64, 64):  # gan_data "shapes": the world's canvas
-        raise LightboothError(f"--gan-data shapes holds 64 x 64 images but this run makes {teacher.width} x "
-                              f"{teacher.height}; pass --width 64 --height 64 or drop --gan-weight")
     start = load_init_lora(cfg, family)  # a bad starting LoRA fails before the run folder is touched
     inputs = [parse_lora_spec(spec)[0] for spec in cfg.loras] + [cfg.init_lora, cfg.prompts_file, cfg.model]
     prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES, inputs=inputs)
