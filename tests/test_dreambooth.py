@@ -515,6 +515,7 @@ def test_resume_from_another_runs_checkpoint_and_overwrite_of_its_own_inputs_are
     code, _, err = db(capsys, *fast(qwen_dir, images, tmp_path / "other", "--steps", 2, "--no-prior", "--rank", 2,
                                     "--validation-prompt", "", "--resume", ckpt))
     assert "holds other weights than this run trains" in one_line(code, err)
+    assert not (tmp_path / "other").exists()  # the refused start leaves no folder that would need --overwrite
 
 
 def test_the_builtin_model_validates_with_its_plain_preset(instance_dir, tmp_path, capsys):

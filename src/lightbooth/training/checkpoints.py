@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -146,12 +148,11 @@ def run_fit(trainer: L.Trainer, module: L.LightningModule, ckpt: PeriodicCheckpo
 
 
 def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change: frozenset[str] | set[str],
-                       inputs=()) -> None:
+                       inputs=()) -> bool:
     """Refuse to touch an existing run unless asked; on resume the saved config must agree except `may_change`;
     save the resolved config as run/config.yaml. `inputs`: paths the run reads (images, LoRAs, a model), which
-    --overwrite must not delete with the old run."""
+    --overwrite must not delete with the old run. True when the run starts in a new (or emptied) folder."""
     import dataclasses
-    import shutil
 
     from ..config import load_config, save_config
     from ..errors import LightboothError
@@ -168,6 +169,7 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
                                       f"{run}; move it out of the run folder first or pick another --out")
         if overwrite and not resume:
             shutil.rmtree(run)
+    fresh = not run.exists() or not any(run.iterdir())
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "config.yaml"
     if resume and saved.exists():
@@ -179,6 +181,28 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
             raise LightboothError(f"{saved} differs from the config given in '{changed[0]}'; resume with the same "
                                   "config (or none, to reuse the saved one)")
     save_config(cfg, saved)
+    return fresh
+
+
+# what a trainer writes into its run folder before and during its first steps
+_TRAINER_FILES = frozenset({"config.yaml", "losses.jsonl", "checkpoints", "logs", "validation", "wandb", "mlruns"})
+
+
+@contextmanager
+def unmade_on_bad_input(run: Path, fresh: bool):
+    """A new run that bad input stops before its first training step (a checkpoint of another kind of run, say)
+    leaves no folder behind, so the corrected command needs no --overwrite. Only a folder this command made and
+    that holds nothing but the trainer's own files, no checkpoint and no logged step, is removed."""
+    from ..errors import LightboothError
+    from .common import NonFiniteLoss
+
+    try:
+        yield
+    except LightboothError as e:
+        if (fresh and not isinstance(e, NonFiniteLoss) and run.is_dir() and not (run / "losses.jsonl").exists()
+                and not checkpoint_steps(run / "checkpoints") and {p.name for p in run.iterdir()} <= _TRAINER_FILES):
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
 
 class PlainProgress(L.Callback):

@@ -152,7 +152,7 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     from ..data.instance import load_instance_images
     from ..generate import Generator
     from ..models import resolve_model
-    from .checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder
+    from .checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder, unmade_on_bad_input
 
     cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
@@ -178,15 +178,16 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
         check_checkpoint(ckpt_path)
     if cfg.prior:
         class_preset_name(cfg, family)
-    prepare_run_folder(run, cfg, resume is not None, overwrite, RESUMABLE_CHANGES,
-                       inputs=(cfg.instance_dir, cfg.class_dir, cfg.model))
+    fresh = prepare_run_folder(run, cfg, resume is not None, overwrite, RESUMABLE_CHANGES,
+                               inputs=(cfg.instance_dir, cfg.class_dir, cfg.model))
     if resume == "auto":
         ckpt_path = auto_checkpoint(run / "checkpoints")
 
-    data = cache_data(cfg, family, images, class_image_paths(cfg, gen, model_path, run) if cfg.prior else [])
-    val_conds = release_text_encoder(cfg, family)
-    prepare_denoiser(cfg, family)
-    fit(cfg, family, data, run, ckpt_path, callbacks, val_conds)
+    with unmade_on_bad_input(run, fresh):
+        data = cache_data(cfg, family, images, class_image_paths(cfg, gen, model_path, run) if cfg.prior else [])
+        val_conds = release_text_encoder(cfg, family)
+        prepare_denoiser(cfg, family)
+        fit(cfg, family, data, run, ckpt_path, callbacks, val_conds)
     return export(cfg, family, model_path, run)
 
 

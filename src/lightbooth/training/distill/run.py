@@ -124,7 +124,7 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
     from ...families.base import DISTILL_METHODS, can_distill
     from ...generate import Generator, parse_lora_spec
     from ...models import resolve_model
-    from ..checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder
+    from ..checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder, unmade_on_bad_input
 
     cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
@@ -147,11 +147,12 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
                            width=cfg.width, height=cfg.height)
     start = load_init_lora(cfg, family)  # a bad starting LoRA fails before the run folder is touched
     inputs = [parse_lora_spec(spec)[0] for spec in cfg.loras] + [cfg.init_lora, cfg.prompts_file, cfg.model]
-    prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES, inputs=inputs)
+    fresh = prepare_run_folder(run, cfg, bool(resume), overwrite, RESUMABLE_CHANGES, inputs=inputs)
     add_adapters(cfg, family, start)
     # the student's levels as generation will walk them from the LoRA's stored preset (sd: scaled into its range)
     sigmas = family.schedule(student_preset(cfg), family.image_tokens(teacher.width, teacher.height)).float()
-    fit(cfg, family, teacher.preset, sigmas, (teacher.width, teacher.height), run, ckpt_path)
+    with unmade_on_bad_input(run, fresh):
+        fit(cfg, family, teacher.preset, sigmas, (teacher.width, teacher.height), run, ckpt_path)
     return export(cfg, family, resolve_model(cfg.model), teacher, run)
 
 
