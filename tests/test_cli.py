@@ -195,6 +195,15 @@ def test_out_is_a_file(qwen_dir, tmp_path, capsys):
     assert "is a file" in _no_traceback(code, err) and f.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize("command", [["distill", "--steps", "1"], ["train-base"],
+                                     ["dreambooth", "--class-noun", "star", "--instance-dir", "."]])
+def test_run_folder_inside_a_file_is_refused_before_any_model_loads(tmp_path, capsys, command):
+    f = tmp_path / "file"
+    f.write_bytes(b"keep me")
+    code, _, err = run(capsys, *command, "--out", str(f / "run"))
+    assert f"{f} is a file" in _no_traceback(code, err) and f.read_bytes() == b"keep me"
+
+
 def test_usage_error_exits_2(capsys):
     code, _, err = run(capsys, "generate", "x", "--bogus")
     assert code == 2 and "Traceback" not in err
@@ -261,7 +270,8 @@ def test_unusable_out_prompts_file_model_index_and_lora_scale_are_one_line(qwen_
     base = ["generate", "x", "--model", str(qwen_dir)]
     (tmp_path / "file").write_bytes(b"keep me")
     code, _, err = run(capsys, *base, "--out", str(tmp_path / "file" / "sub"))
-    assert "cannot create --out folder" in _no_traceback(code, err)
+    assert f"cannot create --out folder {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file" in _no_traceback(
+        code, err)
     assert (tmp_path / "file").read_bytes() == b"keep me"
     (tmp_path / "prompts.txt").write_bytes(b"\xff\xfe\x00 not utf-8\n")
     code, _, err = run(capsys, "generate", "--prompts-file", str(tmp_path / "prompts.txt"), "--out",

@@ -52,3 +52,16 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def why_unmakeable(folder: Path) -> str | None:
+    """Why `folder` (new or existing) could not be made and written into, read from the nearest folder above it
+    that exists ("/data/x is a file", "... is not writable"), or None when it can be. Nothing is written."""
+    there = Path(folder).absolute()
+    while not there.exists():
+        there = there.parent
+    if not there.is_dir():
+        return f"{there} is a file"
+    if not os.access(there, os.W_OK | os.X_OK):
+        return f"{there} is not writable"
+    return None

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .atomic import why_unmakeable
 from .errors import LightboothError
 from .families.base import Cond, Family, Preset
 from .images import attach, to_pil
@@ -269,13 +270,13 @@ def save_dir_ready(out: Path) -> Path:
     """Create the output folder; refuse a path that is a file or a folder that cannot be written."""
     if out.exists() and not out.is_dir():
         raise LightboothError(f"--out {out} is a file; pass a folder (new or existing) for the images")
+    if why := why_unmakeable(out):
+        raise LightboothError(f"cannot create --out folder {out}: {why}; pass a folder you can write to")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LightboothError(f"cannot create --out folder {out} ({e.strerror or type(e).__name__}); pass a folder "
                               "you can write to") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise LightboothError(f"--out folder {out} is not writable; pass a folder you can write to")
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..atomic import why_unmakeable
+
 _NAME = re.compile(r"step-(\d+)\.ckpt$")
 
 
@@ -147,6 +149,20 @@ def run_fit(trainer: L.Trainer, module: L.LightningModule, ckpt: PeriodicCheckpo
         raise SystemExit(130)
 
 
+def check_run_folder(run: Path, resume: bool, overwrite: bool) -> None:
+    """What prepare_run_folder refuses, checked without writing anything: cheap enough to run before a model
+    loads, so a mistyped --out fails in a second, not after minutes of loading."""
+    from ..errors import LightboothError
+
+    if run.exists() and not run.is_dir():
+        raise LightboothError(f"run folder {run} is a file; pass a folder for the run")
+    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
+        raise LightboothError(f"run folder {run} already exists; pass --resume to continue it or --overwrite to "
+                              "start again")
+    if why := why_unmakeable(run):
+        raise LightboothError(f"cannot create run folder {run}: {why}; pass a folder you can write to")
+
+
 def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change: frozenset[str] | set[str],
                        inputs=()) -> bool:
     """Refuse to touch an existing run unless asked; on resume the saved config must agree except `may_change`;
@@ -157,12 +173,8 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
     from ..config import load_config, save_config
     from ..errors import LightboothError
 
-    if run.exists() and not run.is_dir():
-        raise LightboothError(f"run folder {run} is a file; pass a folder for the run")
+    check_run_folder(run, resume, overwrite)
     if run.exists() and any(run.iterdir()):
-        if not (resume or overwrite):
-            raise LightboothError(f"run folder {run} already exists; pass --resume to continue it or --overwrite "
-                                  "to start again")
         for p in inputs if overwrite and not resume else ():
             if p and Path(p).exists() and Path(p).resolve().is_relative_to(run.resolve()):
                 raise LightboothError(f"--overwrite would delete {p}, which this run reads, with the old run in "

@@ -152,13 +152,15 @@ def train_dreambooth(cfg: DreamBoothConfig, resume: str | None = None, overwrite
     from ..data.instance import load_instance_images
     from ..generate import Generator
     from ..models import resolve_model
-    from .checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder, unmade_on_bad_input
+    from .checkpoints import (auto_checkpoint, check_checkpoint, check_run_folder, prepare_run_folder,
+                              unmade_on_bad_input)
 
     cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = Path(cfg.out)
+    check_run_folder(run, resume is not None, overwrite)  # before minutes of loading a large model
     images = load_instance_images(cfg.instance_dir)  # bad input fails before the run folder is touched
     model_path = resolve_model(cfg.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -124,11 +124,13 @@ def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool
     from ...families.base import DISTILL_METHODS, can_distill
     from ...generate import Generator, parse_lora_spec
     from ...models import resolve_model
-    from ..checkpoints import auto_checkpoint, check_checkpoint, prepare_run_folder, unmade_on_bad_input
+    from ..checkpoints import (auto_checkpoint, check_checkpoint, check_run_folder, prepare_run_folder,
+                               unmade_on_bad_input)
 
     cfg = checked(cfg)  # a config built in Python gets the checks a YAML file or the CLI gets
     check_config(cfg)
     run = Path(cfg.out)
+    check_run_folder(run, bool(resume), overwrite)  # before minutes of loading a large model
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ckpt_path = None
