@@ -28,7 +28,7 @@ FACTORS = {"lora_down": "lora_A", "lora_up": "lora_B"}
 
 def checkpoint_name(key: str, prefix: str) -> str | None:
     """`diffusion_model.X.lora_down.weight` -> `<prefix>X.lora_A.<student>.weight`; None for alphas."""
-    body, _, rest = key.partition(".")  # drops the kohya/ComfyUI `diffusion_model` prefix
+    _, _, rest = key.partition(".")  # drops the kohya/ComfyUI `diffusion_model` prefix
     for kohya, peft in FACTORS.items():
         if rest.endswith(f".{kohya}.weight"):
             return f"{prefix}{rest[: -len(f'.{kohya}.weight')]}.{peft}.{STUDENT}.weight"

@@ -167,7 +167,7 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
                        inputs=()) -> bool:
     """Refuse to touch an existing run unless asked; on resume the saved config must agree except `may_change`;
     save the resolved config as run/config.yaml. `inputs`: paths the run reads (images, LoRAs, a model), which
-    --overwrite must not delete with the old run. True when the run starts in a new (or emptied) folder."""
+    --overwrite must not delete with the old run. True when this call makes the folder (--overwrite included)."""
     import dataclasses
 
     from ..config import load_config, save_config
@@ -181,7 +181,7 @@ def prepare_run_folder(run: Path, cfg, resume: bool, overwrite: bool, may_change
                                       f"{run}; move it out of the run folder first or pick another --out")
         if overwrite and not resume:
             shutil.rmtree(run)
-    fresh = not run.exists() or not any(run.iterdir())
+    fresh = not run.exists()  # made by this command (or emptied by --overwrite, as asked), not the user's own
     run.mkdir(parents=True, exist_ok=True)
     saved = run / "config.yaml"
     if resume and saved.exists():
