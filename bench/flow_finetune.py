@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="", help="comma-separated sizes kept (every object one of them)")
     ap.add_argument("--layers", type=int, default=0, help="grow the transformer to this many blocks (--model only)")
     ap.add_argument("--ema-decay", type=float, default=0.0, help="the EMA's decay (default: the recipe's)")
+    ap.add_argument("--full-captions", type=float, default=0.0,
+                    help="share of captions stating every attribute, as eval's prompts do (default 0: the recipe's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model:
@@ -104,7 +106,8 @@ def main(argv=None) -> int:
         ckpt = newest_valid_checkpoint(args.run / "flow")
         module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
         module.net.load_state_dict(module.ema.module.state_dict())
-    module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0)  # the seed the latents were drawn with
+    # the seed the latents were drawn with
+    module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0, args.full_captions)
     try:
         emphasized = parse_emphasis(args.emphasize, args.weight)
     except ValueError as err:

@@ -23,10 +23,11 @@ def tiny_run(tmp_path_factory):
 
 def test_run_folder_holds_every_stage_and_a_diffusers_model(tiny_run):
     for part in ("config.yaml", "tokenizer/tokenizer.json", "vae/DONE", "vae/final/config.json", "decoder/DONE",
-                 "decoder/final/config.json", "flow/DONE",
+                 "decoder/final/config.json", "flow/DONE", "polish/DONE",
                  "latents.safetensors", "model/model_index.json", "model/lightbooth.json"):
         assert (tiny_run / part).exists(), part
     assert [s for s, _ in checkpoint_steps(tiny_run / "flow")] == [6, 3]  # every 3 steps, keep 2
+    assert [s for s, _ in checkpoint_steps(tiny_run / "polish")] == [3]
     settings = json.loads((tiny_run / "model" / "lightbooth.json").read_text())
     assert settings["presets"]["base"]["steps"] == 20 and settings["default_preset"] == "base"
     modes = {f.relative_to(tiny_run).as_posix(): f.stat().st_mode & 0o777
@@ -34,6 +35,22 @@ def test_run_folder_holds_every_stage_and_a_diffusers_model(tiny_run):
     assert modes["model/transformer/diffusion_pytorch_model.safetensors"] == new_file_mode()  # save_pretrained: 0600
     assert modes["decoder/final/diffusion_pytorch_model.safetensors"] == new_file_mode()
     assert set(modes.values()) == {new_file_mode()}, modes
+
+
+def test_the_polish_stage_trains_on_from_the_flow_stages_ema_and_is_what_is_exported(tiny_run):
+    from safetensors.torch import load_file
+
+    def ema(stage):
+        state = torch.load(newest_valid_checkpoint(tiny_run / stage), map_location="cpu", weights_only=True)
+        return {k[len("ema.module.transformer."):]: v for k, v in state["state_dict"].items()
+                if k.startswith("ema.module.transformer.")}
+
+    flow, polish = ema("flow"), ema("polish")
+    exported = load_file(str(tiny_run / "model" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert set(exported) == set(polish) == set(flow)
+    assert all(torch.equal(exported[k], v.to(exported[k].dtype)) for k, v in polish.items())
+    moved = [(polish[k] - v).abs().max().item() for k, v in flow.items()]
+    assert max(moved) > 0 and max(moved) < 0.05  # trained on, at polish_lr, from the flow stage's weights
 
 
 def test_stock_diffusers_generates_from_the_exported_model(tiny_run):
@@ -47,9 +64,12 @@ def test_stock_diffusers_generates_from_the_exported_model(tiny_run):
                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     gen = Generator.load(tiny_run / "model", device="cpu")
     assert gen.family.prefix_len == 34
-    ours = gen("a red circle", negative_prompt=" ", steps=3, seed=0)[0]
+    ours = gen("a red circle", negative_prompt=" ", steps=3, seed=0, cfg_rescale=True)[0]  # stock's CFG
     assert np.abs(np.asarray(ours).astype(int) - np.round(ref * 255)).max() <= 1
-    assert gen.settings().preset.steps == 20  # the model's own default from lightbooth.json
+    preset = gen.settings().preset
+    assert preset.steps == 20 and not preset.cfg_rescale  # the model's own defaults from lightbooth.json
+    plain = gen("a red circle", negative_prompt=" ", steps=3, seed=0)[0]
+    assert np.abs(np.asarray(plain).astype(int) - np.asarray(ours)).max() > 0
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tiny_run, capsys):
@@ -84,8 +104,10 @@ def test_resume_with_more_steps_trains_a_finished_run_on(tmp_path):
     assert main(["train-base", "--out", str(run), "--resume", "--steps", "3"]) == 0  # nothing more asked
     assert [s for s, _ in checkpoint_steps(run / "flow")] == [3]
     assert all(torch.equal(before[k], v) for k, v in weights().items())
+    polished = (run / "polish" / "step-00000003.ckpt").read_bytes()
     assert main(["train-base", "--out", str(run), "--resume", "--steps", "6"]) == 0
     assert [s for s, _ in checkpoint_steps(run / "flow")] == [6, 3] and (run / "flow" / "DONE").exists()
+    assert (run / "polish" / "step-00000003.ckpt").read_bytes() != polished  # polished again, from the new weights
     assert not all(torch.equal(before[k], v) for k, v in weights().items())
 
 
@@ -149,6 +171,17 @@ def test_invalid_yaml_names_the_problem_and_where(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("line,says", [("polish_steps: -1", "at least 0"),
+                                       ("polish_full_captions: 1.5", "from 0 to 1")])
+def test_polish_settings_out_of_range_are_refused_before_anything_runs(tmp_path, capsys, line, says):
+    config = tmp_path / "bad.yaml"
+    config.write_text(TINY.read_text().replace("polish_steps: 3", line))
+    assert main(["train-base", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert [says in line for line in err.splitlines() if line.strip()] == [True] and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("override", [["--steps", "0"], ["--steps", "-5"]])
 def test_counts_below_their_minimum_are_refused_before_anything_runs(tmp_path, capsys, override):
     zero = tmp_path / "zero.yaml"
@@ -184,6 +217,25 @@ def test_anchor_phase_is_single_scenes_captioned_in_full_with_one_template_then_
     full = [{shapes.full_caption(scene_at(3, i), lang, 0) for lang in ("en", "zh")} for i in range(60)]
     assert sum(t not in f for (_, t), f in zip(items, full)) > 30  # other templates, attributes left out
     assert all(captions.scene(i) == scene_at(3, i) for i in range(60))  # the kept scenes are the recomputed ones
+
+
+def test_a_full_caption_share_states_every_attribute_and_zero_leaves_the_recipe_as_it_was():
+    from lightbooth.data import shapes
+    from lightbooth.training.base import LatentCaptions, scene_at
+
+    latents = torch.randn(60, 4, 4, 4)
+    full = [{shapes.full_caption(scene_at(3, i), lang, t) for lang in ("en", "zh") for t in range(shapes.N_TEMPLATES)}
+            for i in range(60)]
+    every = LatentCaptions(latents, seed=3, dropout=0.0, full_share=1.0)
+    texts = [every[i][1] for i in range(60)]
+    assert all(t in f for t, f in zip(texts, full))
+    assert len({next(k for k in range(shapes.N_TEMPLATES) if t in {shapes.full_caption(scene_at(3, i), lang, k)
+                                                                   for lang in ("en", "zh")})
+                 for i, t in enumerate(texts)}) == shapes.N_TEMPLATES  # every template, not only the anchor's
+    half = [LatentCaptions(latents, seed=3, dropout=0.0, full_share=0.5)[i][1] for i in range(60)]
+    assert 10 < sum(t in f for t, f in zip(half, full)) < 55
+    recipe = [LatentCaptions(latents, seed=3, dropout=0.0)[i][1] for i in range(60)]  # full_share 0
+    assert sum(t in f for t, f in zip(recipe, full)) < sum(t in f for t, f in zip(half, full))
 
 
 def test_a_uniform_share_of_noise_levels_reaches_the_low_noise_end():

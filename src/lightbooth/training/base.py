@@ -70,6 +70,15 @@ class BaseTrainConfig:
     # (1.0 was tried, 12,000 steps: better at low noise, worse backgrounds and colours; BENCHMARKS.md)
     train_uniform: float = 0.0  # share of noise levels drawn uniformly instead (0.3 was worse; BENCHMARKS.md)
     sample_shift: float = 3.0  # the shipped scheduler's fixed shift, likewise spending steps at high noise
+    # then a polish stage: polish_steps more flow steps from the flow stage's EMA weights at a low learning rate
+    # (warm-up 100, cosine to 10%) with a fast EMA, on captions of which polish_full_captions state every attribute
+    # (as `lightbooth eval`'s prompts, and users who say what they want, do); 0 steps: off. 2,500 steps passed 245 /
+    # 292 of 768 eval prompts where the seventh version passed 211 / 261, the same steps on the plain captions 223 /
+    # 274 (BENCHMARKS.md, 2026-12-07)
+    polish_steps: int = 2500
+    polish_lr: float = 5e-5
+    polish_ema_decay: float = 0.99
+    polish_full_captions: float = 0.5
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     # the exported transformer's storage precision: float16 halves the file (the package's model must stay under
@@ -78,10 +87,14 @@ class BaseTrainConfig:
     # defaults written into the model folder (lightbooth.json)
     default_steps: int = 20
     default_guidance: float = 2.0  # from 20,000 steps on, better than 4 on the lenient measures and strict accuracy
+    # plain CFG; True: Qwen-Image's own (each token's guided velocity rescaled to the conditional one's norm), which
+    # stock diffusers' QwenImagePipeline always applies; plain passed more prompts of every kind (BENCHMARKS.md)
+    default_cfg_rescale: bool = False
 
 
-RESUMABLE_CHANGES = {"steps", "threads", "checkpoint_every", "keep_checkpoints", "default_steps",
-                     "default_guidance", "sample_shift", "transformer_dtype"}  # may differ on --resume (e.g. train longer); everything else may not
+# may differ on --resume (e.g. train longer); everything else may not
+RESUMABLE_CHANGES = {"steps", "polish_steps", "threads", "checkpoint_every", "keep_checkpoints", "default_steps",
+                     "default_guidance", "default_cfg_rescale", "sample_shift", "transformer_dtype"}
 
 
 # --- data ----------------------------------------------------------------------------------------------------
@@ -215,11 +228,14 @@ class LatentCaptions(torch.utils.data.Dataset):
 
     While `step` (the training step, kept up to date by the trainer) is below `anchor_steps`, every item is a
     single-object scene (index i stands for the i-th one, cyclically) captioned with every attribute in template 0
-    of its language (the recipe's anchor phase).
+    of its language (the recipe's anchor phase). `full_share`: the share of the other captions that state every
+    attribute (a random template), as `lightbooth eval`'s prompts do; 0 (the recipe) draws no extra random number.
     """
 
-    def __init__(self, latents: torch.Tensor, seed: int, dropout: float, anchor_steps: int = 0):
+    def __init__(self, latents: torch.Tensor, seed: int, dropout: float, anchor_steps: int = 0,
+                 full_share: float = 0.0):
         self.latents, self.seed, self.dropout, self.draws = latents, seed, dropout, 0
+        self.full_share = full_share
         self.anchor_steps, self.step = anchor_steps, 0
         # scenes are kept once drawn: redrawing one (placement retries) was 80% of an item's time, ~60 ms per batch of
         # 32 on a 2-core CPU, about a tenth of a one-thread CPU step and a large share of a GPU one
@@ -246,6 +262,8 @@ class LatentCaptions(torch.utils.data.Dataset):
             text = ""
         elif anchor:
             text = shapes.full_caption(self.scene(i), lang, 0)
+        elif self.full_share and rng.random() < self.full_share:
+            text = shapes.full_caption(self.scene(i), lang, int(rng.integers(shapes.N_TEMPLATES)))
         else:
             text = shapes.caption(self.scene(i), lang, rng)
         return pack(self.latents[i:i + 1])[0], text
@@ -277,7 +295,7 @@ def export_pipeline(cfg: BaseTrainConfig, run: Path, tokenizer, vae, text_encode
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     settings = {"default_preset": "base", "presets": {"base": {"steps": cfg.default_steps,
-                "guidance": cfg.default_guidance, "sampler": "flow_euler"}},
+                "guidance": cfg.default_guidance, "sampler": "flow_euler", "cfg_rescale": cfg.default_cfg_rescale}},
                 "trained_with": dataclasses.asdict(cfg)}
     write_text_atomic(tmp / "lightbooth.json", json.dumps(settings, indent=1))
     open_up(tmp)
@@ -298,6 +316,9 @@ def prepare_run(run: Path, cfg: BaseTrainConfig, resume: bool, overwrite: bool) 
             if getattr(cfg, key) < least:
                 raise LightboothError(f"{key} must be at least {least} (got {getattr(cfg, key)}); fix it in the "
                                       "config or the flag")
+    if not 0 <= cfg.polish_full_captions <= 1:
+        raise LightboothError(f"polish_full_captions is a share, from 0 to 1 (got {cfg.polish_full_captions}); fix "
+                              "it in the config")
     prepare_run_folder(run, cfg, resume, overwrite, RESUMABLE_CHANGES)
 
 
@@ -305,4 +326,5 @@ def prepare_run(run: Path, cfg: BaseTrainConfig, resume: bool, overwrite: bool) 
 POSITIVE_KEYS = ("steps", "vae_steps", "vae_batch", "vae_crop", "batch", "checkpoint_every", "keep_checkpoints",
                  "latent_cache", "dim", "layers", "text_dim", "text_layers", "vocab_size", "vae_base_dim", "vae_z_dim",
                  "default_steps")
-NON_NEGATIVE_KEYS = ("threads", "decoder_steps", "vae_extend_steps", "anchor_steps", "warmup", "vae_downsamples")
+NON_NEGATIVE_KEYS = ("threads", "decoder_steps", "vae_extend_steps", "anchor_steps", "warmup", "vae_downsamples",
+                     "polish_steps")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -202,7 +204,8 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
     vae = _decoder_stage(cfg, run, _vae_stage(cfg, run))
     latents = _latent_stage(cfg, run, vae)
     module = FlowModule(cfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
-    if not _flow_finished(run, cfg.steps):
+    if not _finished(run, "flow", cfg.steps):
+        shutil.rmtree(run / "polish", ignore_errors=True)  # polished from weights this stage is about to change
         module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, cfg.anchor_steps)
         loader = torch.utils.data.DataLoader(module.captions,
                                              batch_size=cfg.batch, shuffle=True, collate_fn=B.collate,
@@ -211,17 +214,42 @@ def train_base(cfg: B.BaseTrainConfig, run: Path, resume: bool = False, overwrit
         mark_done(run, "flow")
     else:
         module = _load_module(module, run / "flow")
-    ema = module.ema.module
+    ema = polish_stage(cfg, run, tokenizer, latents, module.ema.module)
     vae = extend_stage(cfg, run, vae)
     return B.export_pipeline(cfg, run, tokenizer, vae, ema["text_encoder"].eval(), ema["transformer"].eval())
 
 
-def _flow_finished(run: Path, steps: int) -> bool:
+def _finished(run: Path, stage: str, steps: int) -> bool:
     """Done, and not asked for more: `--resume --steps N` past a finished run's last step trains on to N."""
-    if not stage_done(run, "flow"):
+    if not stage_done(run, stage):
         return False
-    newest = checkpoint_steps(run / "flow")
+    newest = checkpoint_steps(run / stage)
     return not newest or newest[0][0] >= steps
+
+
+def polish_cfg(cfg: B.BaseTrainConfig) -> B.BaseTrainConfig:
+    """The flow recipe as the polish stage runs it: its own steps, learning rate and EMA, no anchor phase."""
+    return dataclasses.replace(cfg, steps=cfg.polish_steps, lr=cfg.polish_lr, warmup=min(100, cfg.polish_steps),
+                               ema_decay=cfg.polish_ema_decay, anchor_steps=0)
+
+
+def polish_stage(cfg: B.BaseTrainConfig, run: Path, tokenizer, latents: torch.Tensor, flow_ema):
+    """The flow model trained on from its EMA weights (BaseTrainConfig.polish_*); returns the weights to export."""
+    if not cfg.polish_steps:
+        return flow_ema
+    pcfg = polish_cfg(cfg)
+    L.seed_everything(cfg.seed + 1, workers=True, verbose=False)  # other noise draws than the flow stage's
+    module = FlowModule(pcfg, tokenizer, (latents.shape[2] // 2, latents.shape[3] // 2))
+    if _finished(run, "polish", pcfg.steps):
+        return _load_module(module, run / "polish").ema.module
+    module.net.load_state_dict(flow_ema.state_dict())  # a resumed stage then loads its checkpoint over this
+    module.ema.module.load_state_dict(flow_ema.state_dict())
+    module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0, cfg.polish_full_captions)
+    loader = torch.utils.data.DataLoader(module.captions, batch_size=cfg.batch, shuffle=True, collate_fn=B.collate,
+                                         drop_last=True)
+    fit(module, loader, pcfg.steps, run / "polish", pcfg, "polish")
+    mark_done(run, "polish")
+    return module.ema.module
 
 
 def _load_module(module, folder: Path):
