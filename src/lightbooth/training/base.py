@@ -24,7 +24,7 @@ from ..families.qwen_image import QWEN_PROMPT_TEMPLATE, pack, template_prefix_le
 
 @dataclass
 class BaseTrainConfig:
-    """Recipe of the built-in model. Defaults are the shipped recipe (about 2 h 40 min from scratch on a 2-core CPU)."""
+    """Recipe of the built-in model. Defaults are the shipped recipe (about 2 h 48 min from scratch on a 2-core CPU)."""
 
     seed: int = 0  # everything (data, init, noise) derives from it
     threads: int = 0  # torch CPU threads; 0 = all cores
