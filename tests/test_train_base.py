@@ -234,7 +234,13 @@ def test_a_full_caption_share_states_every_attribute_and_zero_leaves_the_recipe_
                  for i, t in enumerate(texts)}) == shapes.N_TEMPLATES  # every template, not only the anchor's
     half = [LatentCaptions(latents, seed=3, dropout=0.0, full_share=0.5)[i][1] for i in range(60)]
     assert 10 < sum(t in f for t, f in zip(half, full)) < 55
-    recipe = [LatentCaptions(latents, seed=3, dropout=0.0)[i][1] for i in range(60)]  # full_share 0
+    zero = LatentCaptions(latents, seed=3, dropout=0.1, full_share=0.0)
+    recipe = []  # what the recipe's captions were before the share existed: the same random numbers, none extra
+    for i in range(60):
+        rng = np.random.default_rng([3, i, i + 1])
+        lang = rng.choice(["en", "zh"])
+        recipe.append("" if rng.random() < 0.1 else shapes.caption(scene_at(3, i), lang, rng))
+    assert [zero[i][1] for i in range(60)] == recipe
     assert sum(t in f for t, f in zip(recipe, full)) < sum(t in f for t, f in zip(half, full))
 
 

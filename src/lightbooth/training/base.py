@@ -73,8 +73,8 @@ class BaseTrainConfig:
     # then a polish stage: polish_steps more flow steps from the flow stage's EMA weights at a low learning rate
     # (warm-up 100, cosine to 10%) with a fast EMA, on captions of which polish_full_captions state every attribute
     # (as `lightbooth eval`'s prompts, and users who say what they want, do); 0 steps: off. 2,500 steps passed 245 /
-    # 292 of 768 eval prompts where the seventh version passed 211 / 261, the same steps on the plain captions 223 /
-    # 274 (BENCHMARKS.md, 2026-12-07)
+    # 292 eval prompts (256 per kind, en / zh) where the seventh version passed 211 / 261, the same steps on the
+    # recipe's captions 223 / 274 (BENCHMARKS.md, 2026-12-07)
     polish_steps: int = 2500
     polish_lr: float = 5e-5
     polish_ema_decay: float = 0.99
