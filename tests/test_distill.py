@@ -204,6 +204,21 @@ def test_a_fake_warmup_trains_the_critic_and_leaves_a_warm_started_student_alone
     assert not torch.allclose(lora_b(2, STUDENT), lora_b(3, STUDENT))  # then trained
 
 
+def test_dmd_compares_the_scores_at_levels_spread_by_their_own_shift(qwen_dir, tmp_path):
+    from lightbooth.training.common import draw_seed
+    from lightbooth.training.distill.module import DistillModule
+
+    family = Generator.load(qwen_dir, device="cpu", fast=False).family
+    sigmas = torch.tensor([1.0, 0.75, 0.0])
+    u = torch.rand(6, generator=torch.Generator().manual_seed(draw_seed(0, 3, 1))).clamp(0.02, 0.98)
+    levels = {}
+    for level_shift in (None, 1.0, 3.0):
+        cfg = run_cfg(tmp_path, model=str(qwen_dir), dmd_level_shift=level_shift)
+        levels[level_shift] = DistillModule(cfg, family, family.presets["base"], sigmas, (64, 64)).levels(3, 6, 1)
+    assert torch.allclose(levels[1.0], u)  # shift 1: even over [0.02, 0.98]
+    assert torch.allclose(levels[None], 3 * u / (1 + 2 * u)) and torch.equal(levels[None], levels[3.0])
+
+
 def test_a_cosine_schedule_ends_at_a_tenth_of_both_learning_rates(qwen_dir, tmp_path):
     train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_updates=2, lr=2e-3, fake_lr=1e-3,
                           lr_schedule="cosine", steps=3))
@@ -297,6 +312,11 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), fake_warmup=-1))
     with pytest.raises(LightboothError, match="--fake-warmup 2 leaves the student no step of --steps 2"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_warmup=2))
+    with pytest.raises(LightboothError, match="--dmd-level-shift applies to --method dmd only"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", dmd_level_shift=1.0))
+    for bad in (0.0, -1.0):  # NaN: the type checks of every config (below)
+        with pytest.raises(LightboothError, match="--dmd-level-shift must be positive"):
+            train_distill(run_cfg(tmp_path, model=str(qwen_dir), dmd_level_shift=bad))
     for guidance in (-5.0, 0.5):
         with pytest.raises(LightboothError, match="--teacher-guidance must be 1 or more"):
             train_distill(run_cfg(tmp_path, model=str(qwen_dir), teacher_guidance=guidance))

@@ -195,6 +195,8 @@ def distill(
                                               "to a tenth of the learning rates over --steps)."),
     fake_lr: Optional[float] = typer.Option(None, "--fake-lr", help="DMD fake-score learning rate."),
     fake_updates: Optional[int] = typer.Option(None, "--fake-updates", help="DMD critic updates per student update."),
+    dmd_level_shift: Optional[float] = typer.Option(None, "--dmd-level-shift", help="DMD: flow shift of the noise "
+                                                    "levels the scores are compared at (default: --shift)."),
     fake_warmup: Optional[int] = typer.Option(None, "--fake-warmup", help="DMD: first steps that train only the "
                                               "critic (default 0; for a warm-started student)."),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default 16)."),

@@ -124,10 +124,11 @@ class DistillModule(L.LightningModule):
         return self.noise(g, n, 0) / schedules.vp_scale(self.student_sigmas[0]).to(self.device)
 
     def levels(self, g: int, n: int, stream: int) -> torch.Tensor:
-        """Noise levels for re-noising, spread like the teacher's training (the student's shift), within the range
-        the student starts from (all of [0, 1] for flow models, up to the top level sd was trained on)."""
+        """DMD's noise levels for re-noising, spread by `dmd_level_shift` (default: the student's shift), within the
+        range the student starts from (all of [0, 1] for flow models, up to the top level sd was trained on)."""
         u = torch.rand(n, generator=torch.Generator().manual_seed(draw_seed(self.cfg.seed, g, stream)))
-        return (shifted_sigmas(u.clamp(0.02, 0.98), shift=self.cfg.shift) * self.student_sigmas[0]).to(self.device)
+        shift = self.cfg.shift if self.cfg.dmd_level_shift is None else self.cfg.dmd_level_shift
+        return (shifted_sigmas(u.clamp(0.02, 0.98), shift=shift) * self.student_sigmas[0]).to(self.device)
 
     # --- the methods -------------------------------------------------------------------------------------------
     def trajectory_step(self, g: int, cond: Cond, uncond: Cond | None) -> torch.Tensor:

@@ -51,6 +51,8 @@ class DistillConfig:
     lr_schedule: str = "constant"  # constant, or cosine: decays to a tenth of lr (and of fake_lr) over `steps`
     fake_lr: float = 1e-4  # DMD's fake-score LoRA
     fake_updates: int = 5  # DMD: fake-score updates per student update (DMD2's two time-scale rule)
+    dmd_level_shift: float | None = None  # DMD: flow shift of the noise levels at which the teacher's and the fake
+    # score are compared (and the fake score trains); None: the student's `shift`. 1 spreads them evenly over [0, 1]
     fake_warmup: int = 0  # DMD: first steps in which only the fake score trains. It starts as the teacher's score,
     # not the student's, so a warm-started student (`init_lora`) would otherwise be pushed by a critic of nothing
     rank: int = 16  # LoRA rank of the student (and of the fake score)
@@ -89,6 +91,11 @@ def check_config(cfg: DistillConfig) -> None:
             raise LightboothError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
     if cfg.shift <= 0:
         raise LightboothError(f"--shift must be positive (got {cfg.shift})")
+    if cfg.dmd_level_shift is not None and cfg.dmd_level_shift <= 0:
+        raise LightboothError(f"--dmd-level-shift must be positive (got {cfg.dmd_level_shift}); leave it out to use "
+                              "--shift")
+    if cfg.dmd_level_shift is not None and cfg.method != "dmd":
+        raise LightboothError("--dmd-level-shift applies to --method dmd only; drop it or pass --method dmd")
     if cfg.teacher_guidance is not None and not cfg.teacher_guidance >= 1:  # NaN too
         raise LightboothError(f"--teacher-guidance must be 1 or more (got {cfg.teacher_guidance}; 1 means no CFG, "
                               "less weakens or reverses the teacher's prompt)")
