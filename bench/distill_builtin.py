@@ -40,7 +40,7 @@ def loose_variety(gen, settings: dict, prompt: str = "a circle", seeds: int = 64
     image counted; the pairs see a collapse onto a few combinations that the two counts alone miss."""
     from lightbooth.generate import Job
 
-    s = gen.settings(**{k: v for k, v in settings.items() if k in ("preset", "steps")})
+    s = gen.settings(**{k: v for k, v in settings.items() if k in ("preset", "steps", "sampler")})
     images = gen.run([Job(prompt, i) for i in range(seeds)], s)
     from lightbooth.data.shapes import COLORS
 
@@ -72,6 +72,9 @@ def main() -> int:
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                     help="also score an already trained student LoRA (its own schedule), "
                     "e.g. dmd-8=runs/d8/lora.safetensors")
+    ap.add_argument("--preset", action="append", default=[], metavar="NAME[:SAMPLER]",
+                    help="also score one of the model's own presets, optionally with another sampler, "
+                    "e.g. 4step or 4step:flow_euler")
     ap.add_argument("--plain-cfg", action="store_true", help="a what-if for every row: CFG without Qwen-Image's "
                     "per-token norm rescale (the family always rescales; distillation runs are affected too)")
     args = ap.parse_args()
@@ -95,6 +98,9 @@ def main() -> int:
     for spec in args.lora:
         name, _, path = spec.partition("=")
         rows.append((name, [path], {}))
+    for spec in args.preset:
+        preset, _, sampler = spec.partition(":")
+        rows.append((f"preset {spec}", [], dict(preset=preset, **({"sampler": sampler} if sampler else {}))))
     teacher = None
     for name, loras, settings in rows:
         gen = Generator.load(args.model, loras=loras, device="cpu", preset=settings.get("preset"))
@@ -104,7 +110,7 @@ def main() -> int:
             gen(["a large red circle in the center, white background"], seed=0, num_images=b, **settings)
         t1, t8 = time_call(lambda: call(1), 5), time_call(lambda: call(8), 5)
         rep = evaluate(gen, n=args.n, kinds=[k for k in args.kinds.split(",") if k],
-                       **{k: v for k, v in settings.items() if k in ("preset", "steps")})
+                       **{k: v for k, v in settings.items() if k in ("preset", "steps", "sampler")})
         print(f"## {name}: batch 1 {t1:.3f} s, batch 8 {t8:.3f} s")
         print("\n".join(rep.lines()), flush=True)
         for prompt in UNDERSPECIFIED:

@@ -63,6 +63,19 @@ def test_student_sample_backpropagates_only_through_the_chosen_step():
     assert calls == [False, False, False] and not full.requires_grad
 
 
+def test_student_sample_follows_the_stochastic_sampler_when_given_fresh_noise():
+    a, noise, sigmas = torch.randn(2, 4), torch.randn(2, 4), torch.tensor([1.0, 0.6, 0.2, 0.0])
+    vel = lambda x, s: a * x  # noqa: E731
+    fresh = [torch.randn(2, 4) for _ in range(2)]
+    x0 = methods.student_sample(vel, noise, sigmas, stop=2, renoise=lambda i: fresh[i])
+    x = noise
+    for i in range(2):  # x0 estimate, then fresh noise to the next level
+        x = (1 - sigmas[i + 1]) * (x - sigmas[i] * a * x) + sigmas[i + 1] * fresh[i]
+    assert torch.allclose(x0, x - 0.2 * a * x, atol=1e-6)
+    assert torch.equal(methods.student_sample(vel, noise, sigmas, stop=0, renoise=lambda i: fresh[i]),
+                       methods.student_sample(vel, noise, sigmas, stop=0))  # the first step starts from noise
+
+
 def test_dmd_loss_gradient_is_the_normalised_score_difference():
     x0 = torch.randn(2, 3, 4, requires_grad=True)
     real, fake = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
@@ -205,7 +218,7 @@ def test_a_fake_warmup_trains_the_critic_and_leaves_a_warm_started_student_alone
 
 
 def test_dmd_compares_the_scores_at_levels_spread_by_their_own_shift(qwen_dir, tmp_path):
-    from lightbooth.training.common import draw_seed
+    from lightbooth.seeds import draw_seed
     from lightbooth.training.distill.module import DistillModule
 
     family = Generator.load(qwen_dir, device="cpu", fast=False).family
@@ -217,6 +230,20 @@ def test_dmd_compares_the_scores_at_levels_spread_by_their_own_shift(qwen_dir, t
         levels[level_shift] = DistillModule(cfg, family, family.presets["base"], sigmas, (64, 64)).levels(3, 6, 1)
     assert torch.allclose(levels[1.0], u)  # shift 1: even over [0.02, 0.98]
     assert torch.allclose(levels[None], 3 * u / (1 + 2 * u)) and torch.equal(levels[None], levels[3.0])
+
+
+def test_a_stochastic_student_trains_on_its_own_re_noised_states_and_generate_samples_it_so(qwen_dir, tmp_path):
+    euler = train_distill(run_cfg(tmp_path / "e", model=str(qwen_dir), method="dmd"))
+    path = train_distill(run_cfg(tmp_path / "s", model=str(qwen_dir), method="dmd", sampler="flow_stochastic"))
+    meta = validate_safetensors(path)
+    assert json.loads(meta["lightbooth_preset"]) == {"steps": 2, "guidance": 1.0, "sampler": "flow_stochastic",
+                                                     "shift": 3.0}
+    gen = Generator.load(qwen_dir, loras=[path], device="cpu")
+    assert gen.settings().preset.sampler == "flow_stochastic"
+    assert json.loads(gen("a red circle", seed=0)[0].info["lightbooth"])["sampler"] == "flow_stochastic"
+    # the same seed and draws otherwise (seed 0 trains step 2 of 2 at both steps): its inputs are re-noised
+    with safe_open(str(euler), "pt") as a, safe_open(str(path), "pt") as b:
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
 def test_a_cosine_schedule_ends_at_a_tenth_of_both_learning_rates(qwen_dir, tmp_path):
@@ -314,6 +341,10 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_warmup=2))
     with pytest.raises(LightboothError, match="--dmd-level-shift applies to --method dmd only"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", dmd_level_shift=1.0))
+    with pytest.raises(LightboothError, match="unknown --sampler 'ddim'"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), sampler="ddim"))
+    with pytest.raises(LightboothError, match="--sampler flow_stochastic applies to --method dmd only"):
+        train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", sampler="flow_stochastic"))
     for bad in (0.0, -1.0):  # NaN: the type checks of every config (below)
         with pytest.raises(LightboothError, match="--dmd-level-shift must be positive"):
             train_distill(run_cfg(tmp_path, model=str(qwen_dir), dmd_level_shift=bad))

@@ -114,6 +114,18 @@ def test_image_is_the_same_alone_or_in_any_batch(qwen_gen, sd_gen):
         assert np.abs(arr(batch[:1]) - alone).max() > 10
 
 
+def test_the_stochastic_sampler_draws_each_images_fresh_noise_from_its_own_seed(qwen_gen, sd_gen):
+    for gen, size in ((qwen_gen, 64), (sd_gen, 16)):
+        kw = dict(steps=4, width=size, height=size, sampler="flow_stochastic")
+        alone = gen("a red circle", seed=11, **kw)
+        assert json.loads(alone[0].info["lightbooth"])["sampler"] == "flow_stochastic"
+        batch = gen(["a blue star above a green square, black background", "a red circle"], seed=10,
+                    num_images=2, batch_size=4, **kw)
+        assert np.abs(arr(batch[3:]) - arr(alone)).max() <= 2  # "a red circle", seed 11, in a batch of four
+        euler = gen("a red circle", seed=11, **{**kw, "sampler": "flow_euler"})
+        assert np.abs(arr(euler) - arr(alone)).max() > 10  # the fresh noise matters
+
+
 def test_seeds_and_metadata(qwen_gen):
     images = qwen_gen(["a", "b"], seed=42, num_images=3, steps=2)
     meta = [json.loads(im.info["lightbooth"]) for im in images]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-from lightbooth.sampling import guidance, schedules
+from lightbooth.sampling import guidance, samplers, schedules
 
 
 @pytest.mark.parametrize("steps,seq", [(2, 16), (4, 64), (8, 4096), (50, 1024)])
@@ -35,6 +35,23 @@ def test_lightning_fixed_shift_equals_its_released_scheduler_config(steps):
                                           use_dynamic_shifting=True)
     ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=math.log(3))
     assert torch.allclose(schedules.flow_sigmas(steps, shift=3.0), ref.sigmas, atol=1e-6)
+
+
+def test_flow_stochastic_takes_the_steps_of_diffusers_stochastic_flow_scheduler():
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4))
+    assert torch.allclose(ref.sigmas, schedules.flow_sigmas(4, shift=3.0), atol=1e-6)
+    a, x = torch.randn(2, 6), torch.randn(2, 6)
+    model = lambda xt, i: a * xt + float(ref.sigmas[i])  # noqa: E731  (any velocity that depends on both)
+    g, ours_g = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    expect, seen = x.clone(), []
+    for i, t in enumerate(ref.timesteps):
+        expect = ref.step(model(expect, i), t, expect, generator=g, return_dict=False)[0]
+    ours = samplers.flow_stochastic(model, x, ref.sigmas, lambda i: torch.randn(x.shape, generator=ours_g),
+                                    callback=lambda i, xt: seen.append(xt))
+    assert torch.allclose(ours, expect, atol=1e-5) and len(seen) == 4
+    # Euler reuses the predicted noise instead: the same model lands elsewhere
+    assert not torch.allclose(samplers.flow_euler(model, x, ref.sigmas), ours, atol=1e-3)
 
 
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])

@@ -5,8 +5,8 @@
 
 The last step of the built-in model's recipe (`lightbooth train-base`, then `lightbooth distill` per step count).
 Each LoRA is copied into the model folder under lightning/ and becomes a preset of lightbooth.json with the
-schedule its metadata carries (steps, guidance, shift) plus `"lora"`, so `lightbooth generate` fuses it when that
-preset is in use; "base" stays the teacher. The package folder is replaced only once the new one is complete, and
+schedule its metadata carries (steps, guidance, sampler, shift) plus `"lora"`, so `lightbooth generate` fuses it
+when that preset is in use; `--sampler NAME=SAMPLER` overrides a preset's sampler; "base" stays the teacher. The package folder is replaced only once the new one is complete, and
 the whole folder must stay within the issue's 25 MB.
 """
 
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="the exported model folder (RUN/model)")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="a distilled LoRA as preset NAME")
+    ap.add_argument("--sampler", action="append", default=[], metavar="NAME=SAMPLER",
+                    help="run preset NAME with this sampler instead of its LoRA's own (e.g. 4step=flow_stochastic)")
     ap.add_argument("--default", default="base", help="the default preset")
     ap.add_argument("--dest", type=Path, default=None, help="where to install (default: the package's folder)")
     args = ap.parse_args(argv)
@@ -49,6 +51,13 @@ def main(argv=None) -> int:
         (tmp / "lightning").mkdir(exist_ok=True)
         shutil.copyfile(path, tmp / "lightning" / f"{name}.safetensors")
         settings["presets"][name] = {**json.loads(meta["lightbooth_preset"]), "lora": f"lightning/{name}.safetensors"}
+    for spec in args.sampler:
+        name, _, sampler = spec.partition("=")
+        if name not in settings["presets"] or sampler not in ("flow_euler", "flow_stochastic"):
+            print(f"error: --sampler {spec}: name one of the presets {', '.join(settings['presets'])} and "
+                  "flow_euler or flow_stochastic", file=sys.stderr)
+            return 2
+        settings["presets"][name]["sampler"] = sampler
     if args.default not in settings["presets"]:
         print(f"error: default preset {args.default!r} is not one of {', '.join(settings['presets'])}", file=sys.stderr)
         return 2

@@ -38,7 +38,8 @@ def generate(
                                                "the guided velocity per token, as Qwen-Image does (default: the "
                                                "preset's, else on); sd: no effect."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for CFG."),
-    sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler; sd: ddim, euler, flow_euler)."),
+    sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler, flow_stochastic; sd: ddim, "
+                                          "euler, flow_euler, flow_stochastic)."),
     seed: int = typer.Option(0, help="Seed of the first image; image i of each prompt uses seed + i."),
     num_images: int = typer.Option(1, "--num-images", help="Images per prompt."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
@@ -181,6 +182,8 @@ def distill(
                                          "or from the student's own (student)."),
     student_steps: Optional[int] = typer.Option(None, "--student-steps", help="1, 2, 4 (default) or 8."),
     shift: Optional[float] = typer.Option(None, help="The student's fixed flow shift (default 3)."),
+    sampler: Optional[str] = typer.Option(None, help="The student's sampler: flow_euler (default) or "
+                                          "flow_stochastic (dmd: fresh noise at every step, as DMD2)."),
     teacher_preset: Optional[str] = typer.Option(None, "--teacher-preset", help="Teacher sampling preset."),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Teacher sampling steps."),
     teacher_guidance: Optional[float] = typer.Option(None, "--teacher-guidance", help="Teacher CFG scale."),

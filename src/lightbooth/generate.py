@@ -21,6 +21,7 @@ from .atomic import why_unmakeable
 from .errors import LightboothError
 from .families.base import Cond, Family, Preset
 from .images import attach, to_pil
+from .seeds import draw_seed
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,11 @@ class Generator:
         cond = self.encode([j.prompt for j in jobs])
         uncond = self.encode([s.negative_prompt] * len(jobs)) if s.preset.guidance != 1.0 else None
         x = torch.cat([fam.noise(j.seed, s.width, s.height) for j in jobs]).to(fam.device)
-        latents = fam.sample(x, cond, uncond, s.preset, s.width, s.height, callback)
+
+        def renoise(i: int) -> torch.Tensor:  # each image's fresh noise after step i comes from its own seed alone
+            return torch.cat([fam.noise(draw_seed(j.seed, i + 1), s.width, s.height) for j in jobs]).to(fam.device)
+
+        latents = fam.sample(x, cond, uncond, s.preset, s.width, s.height, callback, renoise)
         images = to_pil(fam.decode(latents, s.width, s.height))
         return [attach(im, self.params(j, s)) for im, j in zip(images, jobs)]
 

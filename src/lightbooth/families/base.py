@@ -29,7 +29,7 @@ class Preset:
 
     steps: int  # network evaluations per image (times two with CFG, batched into one call)
     guidance: float  # classifier-free guidance scale; 1 means no unconditional pass at all
-    sampler: str  # one of the family's `samplers`
+    sampler: str  # one of the family's `samplers`; "flow_stochastic" re-noises with fresh noise at every step
     shift: float | None = None  # fixed flow-matching shift replacing the model's own schedule (Lightning uses 3)
     lora: str | None = None  # a LoRA file inside the model folder fused for this preset (a shipped distilled one)
     # qwen-image: rescale each token's guided velocity to the conditional one's norm, as stock Qwen-Image's true CFG
@@ -194,8 +194,11 @@ class Family:
         raise NotImplementedError
 
     def sample(self, x: torch.Tensor, cond: Cond, uncond: Cond | None, preset: Preset, width: int, height: int,
-               callback=None) -> torch.Tensor:
-        """Run `preset`'s sampler from noise `x` (B, ...) to clean latents, CFG batched into one forward."""
+               callback=None, renoise=None) -> torch.Tensor:
+        """Run `preset`'s sampler from noise `x` (B, ...) to clean latents, CFG batched into one forward.
+
+        `renoise(i)`: fresh unit noise shaped like `x` for the step after step i, which the "flow_stochastic"
+        sampler needs (the caller draws it per image, from the image's seed)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:

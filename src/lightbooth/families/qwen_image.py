@@ -52,7 +52,7 @@ class QwenImageFamily(Family):
     denoiser_name = "transformer"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
-    samplers = ("flow_euler",)
+    samplers = ("flow_euler", "flow_stochastic")
     fp8_skip = ("img_in", "txt_in", "norm_out", "proj_out")  # first and last layers: small, and errors there show
     compile_regional = True  # 60 identical blocks are nearly all of the work
     flow_matching = True  # velocity(), image_tokens() and schedule() exist: few-step distillation works on it
@@ -152,7 +152,7 @@ class QwenImageFamily(Family):
         combine = guidance.cfg_norm_rescale if rescale else guidance.cfg
         return guided(fwd, combine, x, cond, uncond, guidance_scale, both)
 
-    def sample(self, x, cond, uncond, preset, width, height, callback=None):
+    def sample(self, x, cond, uncond, preset, width, height, callback=None, renoise=None):
         sigmas = self.schedule(preset, x.shape[1]).to(self.device)
         both = cfg_batch(cond, uncond, preset.guidance)
 
@@ -161,6 +161,8 @@ class QwenImageFamily(Family):
                                  preset.cfg_rescale)
 
         with torch.inference_mode():
+            if preset.sampler == "flow_stochastic":
+                return samplers.flow_stochastic(velocity, x, sigmas, renoise, callback)
             return samplers.flow_euler(velocity, x, sigmas, callback)
 
     def decode(self, latents, width, height):

@@ -26,7 +26,7 @@ class SDFamily(Family):
     distill_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                             "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                             "time_emb_proj")
-    samplers = ("ddim", "euler", "flow_euler")
+    samplers = ("ddim", "euler", "flow_euler", "flow_stochastic")
     presets = {"base": Preset(steps=50, guidance=7.5, sampler="ddim")}
     cuda_graphs_ok = True
     trace_ok = True
@@ -93,7 +93,7 @@ class SDFamily(Family):
             return a**0.5 * out + (1 - a) ** 0.5 * x, a**0.5 * x - (1 - a) ** 0.5 * out
         return out, (x - (1 - a) ** 0.5 * out) / a**0.5
 
-    def sample(self, x, cond, uncond, preset, width, height, callback=None):
+    def sample(self, x, cond, uncond, preset, width, height, callback=None, renoise=None):
         ts = self.timesteps(preset.steps)
         ac = self.ac.to(self.device)
         both = cfg_batch(cond, uncond, preset.guidance)
@@ -105,13 +105,16 @@ class SDFamily(Family):
             return guided(fwd, guidance.cfg, xin, cond, uncond, preset.guidance, both).float()
 
         with torch.inference_mode():
-            if preset.sampler == "flow_euler":
+            if preset.sampler in ("flow_euler", "flow_stochastic"):
                 sigmas = self.schedule(preset).to(self.device)
 
                 def velocity(xt, i):
                     return self.velocity(xt, cond, sigmas[i], width, height, uncond, preset.guidance, both)
 
-                return samplers.flow_euler(velocity, x / schedules.vp_scale(sigmas[0]), sigmas, callback)
+                x = x / schedules.vp_scale(sigmas[0])
+                if preset.sampler == "flow_stochastic":  # flow states take unit noise as they are
+                    return samplers.flow_stochastic(velocity, x, sigmas, renoise, callback)
+                return samplers.flow_euler(velocity, x, sigmas, callback)
             if preset.sampler == "euler":
                 return self._euler(predict, x, self.timesteps(preset.steps, integer=False), callback)
             ratio = len(self.ac) // preset.steps
@@ -134,7 +137,7 @@ class SDFamily(Family):
         trained on.
         ddim / euler: their own timesteps' levels (DDIM is exactly flow Euler on them; Euler solves the same ODE).
         """
-        if preset.sampler == "flow_euler":
+        if preset.sampler in ("flow_euler", "flow_stochastic"):
             return schedules.flow_sigmas(preset.steps, shift=preset.shift or 1.0) * self.sigma_max
         ts = self.timesteps(preset.steps, integer=preset.sampler == "ddim")
         return schedules.ve_to_flow(schedules.karras_free_sigmas(self.ac, ts))

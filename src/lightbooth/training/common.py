@@ -1,4 +1,4 @@
-"""Pieces every trainer shares (DreamBooth, distillation): seeded draws, loss checks, loss log, progress, loggers."""
+"""Pieces every trainer shares (DreamBooth, distillation): loss checks, loss log, progress, loggers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from ..errors import LightboothError
@@ -63,11 +62,6 @@ def spec_loader(sampler: torch.utils.data.Sampler) -> torch.utils.data.DataLoade
     starts its sampler at the restored step.
     """
     return torch.utils.data.DataLoader(_Specs(), batch_sampler=sampler, collate_fn=_first)
-
-
-def draw_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (numpy's SeedSequence hashing: nearby keys give unrelated streams)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class StepEnd(L.Callback):

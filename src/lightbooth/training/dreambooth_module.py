@@ -20,8 +20,9 @@ import torch
 from ..accel.graphs import GraphedForwardBackward
 from ..errors import LightboothError
 from ..families.base import Cond
+from ..seeds import draw_seed
 from .checkpoints import check_checkpoint_weights
-from .common import StepEnd, draw_seed, spec_loader, stop_if_not_finite
+from .common import StepEnd, spec_loader, stop_if_not_finite
 from .losses import prior_preservation_loss, shifted_sigmas
 
 

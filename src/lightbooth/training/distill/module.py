@@ -19,7 +19,8 @@ import torch
 from ...families.base import Cond
 from ...sampling import schedules
 from ..checkpoints import check_checkpoint_weights
-from ..common import draw_seed, lr_lambda, spec_loader, stop_if_not_finite
+from ...seeds import draw_seed
+from ..common import lr_lambda, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
 from . import methods
 
@@ -123,6 +124,12 @@ class DistillModule(L.LightningModule):
         in flow coordinates (itself at level 1; sd starts below 1, where DDPM's unit noise is rescaled)."""
         return self.noise(g, n, 0) / schedules.vp_scale(self.student_sigmas[0]).to(self.device)
 
+    def renoise(self, g: int, n: int):
+        """The fresh noise of the student's re-noising sampler ("flow_stochastic") after step i; None for Euler."""
+        if self.cfg.sampler != "flow_stochastic":
+            return None
+        return lambda i: self.noise(g, n, 3 + i)
+
     def levels(self, g: int, n: int, stream: int) -> torch.Tensor:
         """DMD's noise levels for re-noising, spread by `dmd_level_shift` (default: the student's shift), within the
         range the student starts from (all of [0, 1] for flow models, up to the top level sd was trained on)."""
@@ -165,7 +172,7 @@ class DistillModule(L.LightningModule):
         j = int(np.random.default_rng([self.cfg.seed, 5, g]).integers(0, k))  # which step to train (backward sim.)
         with adapter(self.denoiser, STUDENT), torch.set_grad_enabled(gen_turn):
             x0 = methods.student_sample(self.velocity(cond), self.start(g, n), self.student_sigmas.to(self.device),
-                                        stop=j, grad_at=j)
+                                        stop=j, grad_at=j, renoise=self.renoise(g, n))
         loss = x0.new_zeros(())
         if gen_turn:
             t = self.levels(g, n, 1)

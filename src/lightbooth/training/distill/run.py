@@ -22,6 +22,7 @@ from ..common import LOGGERS, trainable_in_fp32
 
 METHODS = ("dmd", "trajectory")
 STATES = ("teacher", "student")
+SAMPLERS = ("flow_euler", "flow_stochastic")
 LR_SCHEDULES = ("constant", "cosine")
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep", "logger", "threads"}
 
@@ -37,6 +38,8 @@ class DistillConfig:
     student_steps: int = 4  # 1, 2, 4 or 8 sampling steps for the student
     shift: float = 3.0  # the student's fixed flow shift (Qwen-Image-Lightning uses 3; sd: 2 puts 4 steps near
     # timesteps 999/750/500/250)
+    sampler: str = "flow_euler"  # the student's sampler, written into its preset: flow_euler, or flow_stochastic
+    # (DMD only: x0 estimate, then fresh noise at every step, as DMD2 samples); DMD's backward simulation follows it
     states: str = "teacher"  # trajectory: regress from the teacher's own ODE states, or from the states the
     # student itself reaches at inference ("student": backward distillation, Kohler et al. 2024, Imagine Flash)
     teacher_preset: str | None = None  # the teacher's sampling preset; None: "base" (the plain model, not a fast preset)
@@ -94,6 +97,11 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.dmd_level_shift is not None and cfg.dmd_level_shift <= 0:
         raise LightboothError(f"--dmd-level-shift must be positive (got {cfg.dmd_level_shift}); leave it out to use "
                               "--shift")
+    if cfg.sampler not in SAMPLERS:
+        raise LightboothError(f"unknown --sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if cfg.sampler == "flow_stochastic" and cfg.method != "dmd":
+        raise LightboothError("--sampler flow_stochastic applies to --method dmd only (trajectory regresses Euler "
+                              "steps onto the teacher's ODE); drop it or pass --method dmd")
     if cfg.dmd_level_shift is not None and cfg.method != "dmd":
         raise LightboothError("--dmd-level-shift applies to --method dmd only; drop it or pass --method dmd")
     if cfg.teacher_guidance is not None and not cfg.teacher_guidance >= 1:  # NaN too
@@ -122,7 +130,7 @@ def check_config(cfg: DistillConfig) -> None:
 def student_preset(cfg: DistillConfig):
     from ...families.base import Preset
 
-    return Preset(steps=cfg.student_steps, guidance=1.0, sampler="flow_euler", shift=cfg.shift)
+    return Preset(steps=cfg.student_steps, guidance=1.0, sampler=cfg.sampler, shift=cfg.shift)
 
 
 def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool = False) -> Path:
