@@ -2,7 +2,8 @@
 
     python bench/models_latency.py --model shipped= --model z16=candidates/z16 [--preset base] [--repeats 7]
 
-`NAME=` (empty path) is the built-in model. Each round times one call of every model, in turn, at batch 1 and at
+`NAME=` (empty path) is the built-in model; `NAME=DIR,PRESET[:SAMPLER]` gives that row its own preset (and sampler),
+e.g. `--model s4=,4step --model e4=,4step:flow_euler --model base=,base`. Each round times one call of every model, in turn, at batch 1 and at
 batch 8 (cold prompt cache, as bench/builtin_model.py does), so drift of the machine reaches every model alike; the
 median over rounds is printed. For comparing a candidate built-in model with the shipped one, which
 bench/builtin_model.py times only one at a time.
@@ -33,17 +34,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gens = {}
+    gens, samplers = {}, {}
     for spec in args.model:
-        name, _, path = spec.partition("=")
-        gens[name] = Generator.load(path or None, device="cpu", preset=args.preset)
+        name, _, rest = spec.partition("=")
+        path, _, row = rest.partition(",")
+        preset, _, samplers[name] = (row or args.preset).partition(":")
+        gens[name] = Generator.load(path or None, device="cpu", preset=preset)
     times = {(name, b): [] for name in gens for b in (1, 8)}
     for r in range(args.repeats + 1):  # round 0 warms up
         for b in (1, 8):
             for name, gen in gens.items():
                 gen._cache.clear()
                 t = time.perf_counter()
-                gen([PROMPT], seed=0, num_images=b)
+                gen([PROMPT], seed=0, num_images=b, sampler=samplers[name] or None)
                 if r:
                     times[name, b].append(time.perf_counter() - t)
     print(f"{args.threads} threads, torch {torch.__version__}, preset {args.preset}, median of {args.repeats} rounds")
