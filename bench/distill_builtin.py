@@ -69,9 +69,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=None, help="a qwen-image model folder (default: the built-in model)")
     ap.add_argument("--methods", default="trajectory,dmd", help="methods to train (none: only --lora rows)")
-    ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                    help="also score an already trained student LoRA (its own schedule), "
-                    "e.g. dmd-8=runs/d8/lora.safetensors")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[@SAMPLER]",
+                    help="also score an already trained student LoRA (its own schedule; @SAMPLER: another sampler), "
+                    "e.g. dmd-8=runs/d8/lora.safetensors or dmd-8s=runs/d8/lora.safetensors@flow_stochastic")
     ap.add_argument("--preset", action="append", default=[], metavar="NAME[:SAMPLER]",
                     help="also score one of the model's own presets, optionally with another sampler, "
                     "e.g. 4step or 4step:flow_euler")
@@ -97,7 +97,8 @@ def main() -> int:
                      [str(path)], {}))
     for spec in args.lora:
         name, _, path = spec.partition("=")
-        rows.append((name, [path], {}))
+        path, _, sampler = path.partition("@")
+        rows.append((name, [path], {"sampler": sampler} if sampler else {}))
     for spec in args.preset:
         preset, _, sampler = spec.partition(":")
         rows.append((f"preset {spec}", [], dict(preset=preset, **({"sampler": sampler} if sampler else {}))))
