@@ -6,8 +6,9 @@
 The last step of the built-in model's recipe (`lightbooth train-base`, then `lightbooth distill` per step count).
 Each LoRA is copied into the model folder under lightning/ and becomes a preset of lightbooth.json with the
 schedule its metadata carries (steps, guidance, sampler, shift) plus `"lora"`, so `lightbooth generate` fuses it
-when that preset is in use; `--sampler NAME=SAMPLER` overrides a preset's sampler; "base" stays the teacher. The package folder is replaced only once the new one is complete, and
-the whole folder must stay within the issue's 25 MB.
+when that preset is in use; `--sampler NAME=SAMPLER` overrides a preset's sampler; "base" stays the teacher. The
+package folder is replaced only once the new one is complete, and the whole folder must stay within the issue's
+25 MB.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     from lightbooth.atomic import write_text_atomic
     from lightbooth.models import builtin_model_path
     from lightbooth.safeload import validate_safetensors
+    from lightbooth.training.distill.run import SAMPLERS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="the exported model folder (RUN/model)")
@@ -53,9 +55,9 @@ def main(argv=None) -> int:
         settings["presets"][name] = {**json.loads(meta["lightbooth_preset"]), "lora": f"lightning/{name}.safetensors"}
     for spec in args.sampler:
         name, _, sampler = spec.partition("=")
-        if name not in settings["presets"] or sampler not in ("flow_euler", "flow_stochastic"):
-            print(f"error: --sampler {spec}: name one of the presets {', '.join(settings['presets'])} and "
-                  "flow_euler or flow_stochastic", file=sys.stderr)
+        if name not in settings["presets"] or sampler not in SAMPLERS:
+            print(f"error: --sampler {spec}: name one of the presets {', '.join(settings['presets'])} and one of "
+                  f"{', '.join(SAMPLERS)}", file=sys.stderr)
             return 2
         settings["presets"][name]["sampler"] = sampler
     if args.default not in settings["presets"]:

@@ -18,8 +18,8 @@ import torch
 
 from ...families.base import Cond
 from ...sampling import schedules
-from ..checkpoints import check_checkpoint_weights
 from ...seeds import draw_seed
+from ..checkpoints import check_checkpoint_weights
 from ..common import lr_lambda, spec_loader, stop_if_not_finite
 from ..losses import flow_matching_loss, mse, shifted_sigmas
 from . import methods
