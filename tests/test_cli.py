@@ -112,6 +112,8 @@ def _no_traceback(code, err):
     (["generate", "x", "--steps", "0"], "steps must be at least 1"),
     (["generate", "x", "--preset", "turbo"], "unknown preset"),
     (["generate", "x", "--sampler", "ddim"], "does not run qwen-image"),
+    (["generate", "x", "--euler-steps", "2"], "flow_stochastic sampler only"),
+    (["generate", "x", "--sampler", "flow_stochastic", "--euler-steps", "-1"], "0 or more"),
     (["generate", "x", "--num-images", "0"], "at least 1"),
     (["generate", "x", "--guidance", "nan"], "finite"),
     (["generate", "x", "--seed", "-1"], "out of range"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, QwenImagePipeline, StableDiffusionPipeline
 
+from lightbooth.errors import LightboothError
 from lightbooth.families.base import Cond, guided
 from lightbooth.families.qwen_image import QWEN_PROMPT_TEMPLATE, template_prefix_length
 from lightbooth.generate import Generator
@@ -124,6 +125,18 @@ def test_the_stochastic_sampler_draws_each_images_fresh_noise_from_its_own_seed(
         assert np.abs(arr(batch[3:]) - arr(alone)).max() <= 2  # "a red circle", seed 11, in a batch of four
         euler = gen("a red circle", seed=11, **{**kw, "sampler": "flow_euler"})
         assert np.abs(arr(euler) - arr(alone)).max() > 10  # the fresh noise matters
+
+
+def test_euler_steps_keep_the_stochastic_samplers_first_steps_deterministic(qwen_gen):
+    kw = dict(seed=11, steps=4, sampler="flow_stochastic")
+    euler = arr(qwen_gen("a red circle", seed=11, steps=4, sampler="flow_euler"))
+    assert np.abs(arr(qwen_gen("a red circle", euler_steps=4, **kw)) - euler).max() <= 2  # all four: Euler
+    half = qwen_gen("a red circle", euler_steps=2, **kw)
+    assert json.loads(half[0].info["lightbooth"])["euler_steps"] == 2  # the PNG says how to draw it again
+    for other in (euler, arr(qwen_gen("a red circle", **kw))):
+        assert np.abs(arr(half) - other).max() > 10
+    with pytest.raises(LightboothError, match="flow_stochastic sampler only"):
+        qwen_gen.settings(steps=4, sampler="flow_euler", euler_steps=2)
 
 
 def test_seeds_and_metadata(qwen_gen):

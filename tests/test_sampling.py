@@ -54,6 +54,26 @@ def test_flow_stochastic_takes_the_steps_of_diffusers_stochastic_flow_scheduler(
     assert not torch.allclose(samplers.flow_euler(model, x, ref.sigmas), ours, atol=1e-3)
 
 
+def test_flow_stochastic_takes_its_first_euler_steps_as_euler_and_only_then_draws_fresh_noise():
+    sigmas = schedules.flow_sigmas(8, shift=3.0)
+    a, x = torch.randn(2, 6), torch.randn(2, 6)
+    model = lambda xt, i: a * xt + float(sigmas[i])  # noqa: E731
+    euler, drawn, mixed = [], [], []
+    samplers.flow_euler(model, x, sigmas, callback=lambda i, xt: euler.append(xt))
+
+    def noise(i):
+        drawn.append(i)
+        return torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+    out = samplers.flow_stochastic(model, x, sigmas, noise, callback=lambda i, xt: mixed.append(xt), euler_steps=3)
+    assert all(torch.allclose(e, m) for e, m in zip(euler[:3], mixed[:3]))  # the same states up to step 3
+    assert drawn == [3, 4, 5, 6]  # fresh noise after steps 3-6 only; the last step returns the clean estimate
+    assert not torch.allclose(out, euler[-1], atol=1e-3)
+    # as many Euler steps as steps is plain Euler, and none is the re-noising sampler of the test above
+    assert torch.allclose(samplers.flow_stochastic(model, x, sigmas, noise, euler_steps=8), euler[-1])
+    assert torch.equal(samplers.flow_stochastic(model, x, sigmas, noise, euler_steps=0),
+                       samplers.flow_stochastic(model, x, sigmas, noise))
+
+
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])
 def test_discrete_timesteps_match_ddim(spacing, offset):
     ref = DDIMScheduler(timestep_spacing=spacing, steps_offset=offset)

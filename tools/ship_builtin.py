@@ -6,7 +6,8 @@
 The last step of the built-in model's recipe (`lightbooth train-base`, then `lightbooth distill` per step count).
 Each LoRA is copied into the model folder under lightning/ and becomes a preset of lightbooth.json with the
 schedule its metadata carries (steps, guidance, sampler, shift) plus `"lora"`, so `lightbooth generate` fuses it
-when that preset is in use; `--sampler NAME=SAMPLER` overrides a preset's sampler; "base" stays the teacher. The
+when that preset is in use; `--sampler NAME=SAMPLER[:EULER_STEPS]` overrides a preset's sampler (and, for
+flow_stochastic, how many first steps stay Euler steps); "base" stays the teacher. The
 package folder is replaced only once the new one is complete, and the whole folder must stay within the issue's
 25 MB.
 """
@@ -33,8 +34,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="the exported model folder (RUN/model)")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="a distilled LoRA as preset NAME")
-    ap.add_argument("--sampler", action="append", default=[], metavar="NAME=SAMPLER",
-                    help="run preset NAME with this sampler instead of its LoRA's own (e.g. 4step=flow_stochastic)")
+    ap.add_argument("--sampler", action="append", default=[], metavar="NAME=SAMPLER[:EULER_STEPS]",
+                    help="run preset NAME with this sampler instead of its LoRA's own (e.g. 4step=flow_stochastic, "
+                    "8step=flow_stochastic:4)")
     ap.add_argument("--default", default="base", help="the default preset")
     ap.add_argument("--dest", type=Path, default=None, help="where to install (default: the package's folder)")
     args = ap.parse_args(argv)
@@ -55,11 +57,17 @@ def main(argv=None) -> int:
         settings["presets"][name] = {**json.loads(meta["lightbooth_preset"]), "lora": f"lightning/{name}.safetensors"}
     for spec in args.sampler:
         name, _, sampler = spec.partition("=")
-        if name not in settings["presets"] or sampler not in SAMPLERS:
+        sampler, _, k = sampler.partition(":")
+        if name not in settings["presets"] or sampler not in SAMPLERS or (k and (not k.isdigit() or
+                                                                                  sampler != "flow_stochastic")):
             print(f"error: --sampler {spec}: name one of the presets {', '.join(settings['presets'])} and one of "
-                  f"{', '.join(SAMPLERS)}", file=sys.stderr)
+                  f"{', '.join(SAMPLERS)} (flow_stochastic:K for K Euler steps first)", file=sys.stderr)
             return 2
-        settings["presets"][name]["sampler"] = sampler
+        preset = settings["presets"][name]
+        preset["sampler"] = sampler
+        preset.pop("euler_steps", None)
+        if k and int(k):
+            preset["euler_steps"] = int(k)
     if args.default not in settings["presets"]:
         print(f"error: default preset {args.default!r} is not one of {', '.join(settings['presets'])}", file=sys.stderr)
         return 2

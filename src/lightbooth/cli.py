@@ -40,6 +40,8 @@ def generate(
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt for CFG."),
     sampler: Optional[str] = typer.Option(None, help="Sampler (qwen-image: flow_euler, flow_stochastic; sd: ddim, "
                                           "euler, flow_euler, flow_stochastic)."),
+    euler_steps: Optional[int] = typer.Option(None, "--euler-steps", help="flow_stochastic: take this many first "
+                                              "steps as Euler steps, then re-noise (default: the preset's, else 0)."),
     seed: int = typer.Option(0, help="Seed of the first image; image i of each prompt uses seed + i."),
     num_images: int = typer.Option(1, "--num-images", help="Images per prompt."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per forward pass."),
@@ -72,7 +74,8 @@ def generate(
     with out_dir_ready(out):  # a run rejected after this point leaves no new, empty --out folder behind
         load_kwargs = dict(model=model, loras=tuple(lora), dtype=dtype, preset=preset, fp8=fp8, compile=compile)
         settings_kwargs = dict(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
-                               height=height, negative_prompt=negative, cfg_rescale=cfg_rescale)
+                               height=height, negative_prompt=negative, cfg_rescale=cfg_rescale,
+                               euler_steps=euler_steps)
         n_dev, accel = _devices(devices, device)
         if n_dev > 1:
             gen = Generator.load(device="cpu", **load_kwargs)  # validate model, LoRAs and settings before spawning

@@ -176,7 +176,7 @@ class Generator:
 
     # --- settings ------------------------------------------------------------------------------------------
     def settings(self, *, preset=None, steps=None, guidance=None, sampler=None, width=None, height=None,
-                 negative_prompt=None, cfg_rescale=None) -> Settings:
+                 negative_prompt=None, cfg_rescale=None, euler_steps=None) -> Settings:
         """Fill unset values from the preset (the LoRA's own schedule, else the family's base) and validate."""
         fam = self.family
         if preset is None and self.lora_preset is not None:
@@ -189,12 +189,18 @@ class Generator:
                 raise LightboothError(f"preset {name!r} needs other weights than the model was loaded with (a preset "
                                       f"fuses its own LoRA); load it with preset={name!r} (CLI: --preset {name})")
         p = replace(base, **{k: v for k, v in dict(steps=steps, guidance=guidance, sampler=sampler,
-                                                   cfg_rescale=cfg_rescale).items() if v is not None})
+                                                   cfg_rescale=cfg_rescale, euler_steps=euler_steps).items()
+                              if v is not None})
         if p.steps < 1:
             raise LightboothError(f"steps must be at least 1 (got {p.steps})")
         check_finite("guidance", p.guidance)
         if p.sampler not in fam.samplers:
             raise LightboothError(f"sampler {p.sampler!r} does not run {fam.name}; choose one of {', '.join(fam.samplers)}")
+        if p.euler_steps < 0:
+            raise LightboothError(f"euler steps must be 0 or more (got {p.euler_steps})")
+        if euler_steps is not None and p.sampler != "flow_stochastic":
+            raise LightboothError(f"euler steps apply to the flow_stochastic sampler only (this run samples with "
+                                  f"{p.sampler}); add --sampler flow_stochastic or leave --euler-steps out")
         w = fam.default_size[0] if width is None else width
         h = fam.default_size[1] if height is None else height
         for label, v in (("width", w), ("height", h)):
@@ -209,7 +215,7 @@ class Generator:
                     guidance=s.preset.guidance, width=s.width, height=s.height, model=self.model_name,
                     loras=self.loras, preset=s.preset_name, sampler=s.preset.sampler,
                     family=self.family.name, dtype=str(self.family.dtype).removeprefix("torch."), fp8=self.fp8,
-                    cfg_rescale=s.preset.cfg_rescale)
+                    cfg_rescale=s.preset.cfg_rescale, euler_steps=s.preset.euler_steps)
 
     # --- generation ----------------------------------------------------------------------------------------
     def remember(self, conds: dict[str, Cond]) -> None:
@@ -243,14 +249,15 @@ class Generator:
                  num_images: int = 1, steps: int | None = None, guidance: float | None = None,
                  width: int | None = None, height: int | None = None, preset: str | None = None,
                  sampler: str | None = None, batch_size: int | None = None, progress: Callable | None = None,
-                 cfg_rescale: bool | None = None):
+                 cfg_rescale: bool | None = None, euler_steps: int | None = None):
         """Generate images for every prompt x seed; returns PIL images carrying their parameters in `.info`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         check_prompts(prompts)
         if num_images < 1:
             raise LightboothError(f"num_images must be at least 1 (got {num_images})")
         s = self.settings(preset=preset, steps=steps, guidance=guidance, sampler=sampler, width=width,
-                          height=height, negative_prompt=negative_prompt, cfg_rescale=cfg_rescale)
+                          height=height, negative_prompt=negative_prompt, cfg_rescale=cfg_rescale,
+                          euler_steps=euler_steps)
         jobs = expand_jobs(prompts, seed, num_images)
         bs = len(jobs) if batch_size is None else batch_size
         if bs < 1:

@@ -35,6 +35,7 @@ class Preset:
     # qwen-image: rescale each token's guided velocity to the conditional one's norm, as stock Qwen-Image's true CFG
     # does; False gives plain CFG. sd always guides plainly and ignores it.
     cfg_rescale: bool = True
+    euler_steps: int = 0  # flow_stochastic: this many first steps are Euler steps before re-noising starts
 
 
 @dataclass

@@ -162,7 +162,7 @@ class QwenImageFamily(Family):
 
         with torch.inference_mode():
             if preset.sampler == "flow_stochastic":
-                return samplers.flow_stochastic(velocity, x, sigmas, renoise, callback)
+                return samplers.flow_stochastic(velocity, x, sigmas, renoise, callback, preset.euler_steps)
             return samplers.flow_euler(velocity, x, sigmas, callback)
 
     def decode(self, latents, width, height):

@@ -113,7 +113,7 @@ class SDFamily(Family):
 
                 x = x / schedules.vp_scale(sigmas[0])
                 if preset.sampler == "flow_stochastic":  # flow states take unit noise as they are
-                    return samplers.flow_stochastic(velocity, x, sigmas, renoise, callback)
+                    return samplers.flow_stochastic(velocity, x, sigmas, renoise, callback, preset.euler_steps)
                 return samplers.flow_euler(velocity, x, sigmas, callback)
             if preset.sampler == "euler":
                 return self._euler(predict, x, self.timesteps(preset.steps, integer=False), callback)

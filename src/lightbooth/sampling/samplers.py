@@ -26,17 +26,24 @@ def flow_euler(model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback 
 
 
 def flow_stochastic(model, x: torch.Tensor, sigmas: torch.Tensor, noise: Callable[[int], torch.Tensor],
-                    callback: Callback = None) -> torch.Tensor:
+                    callback: Callback = None, euler_steps: int = 0) -> torch.Tensor:
     """Multi-step sampling by re-noising (consistency models, Song et al. 2023, alg. 1; DMD2's few-step generator,
     Yin et al. 2024b, sec. 4.5): at each level the clean estimate x0 = x - sigma v, then fresh unit noise `noise(i)`
     takes it to the next level, (1 - sigma') x0 + sigma' n. An Euler step would reuse the predicted noise x0 + v
     instead, carrying the step's error along. diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
     takes the same steps. The last step, to sigma 0, is the clean estimate itself, as with Euler.
+
+    The first `euler_steps` steps are Euler steps: the starting noise then keeps its say over what the first, high
+    noise steps decide (layout, colour), which fresh noise would otherwise blur towards the student's favourites.
     """
     x = x.float()
     for i in range(len(sigmas) - 1):
-        x0 = x - sigmas[i] * model(x, i).float()
-        x = x0 if sigmas[i + 1] == 0 else (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise(i).float()
+        v = model(x, i).float()
+        if i < euler_steps:
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+        else:
+            x0 = x - sigmas[i] * v
+            x = x0 if sigmas[i + 1] == 0 else (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise(i).float()
         if callback:
             callback(i, x)
     return x
