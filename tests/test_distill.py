@@ -246,6 +246,21 @@ def test_a_stochastic_student_trains_on_its_own_re_noised_states_and_generate_sa
         assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
+def test_a_student_whose_first_steps_are_euler_steps_says_so_and_trains_on_those_states(qwen_dir, tmp_path):
+    a, noise, sigmas = torch.randn(2, 4), torch.randn(2, 4), torch.tensor([1.0, 0.6, 0.2, 0.0])
+    vel = lambda x, s: a * x  # noqa: E731
+    fresh = [torch.randn(2, 4) for _ in range(2)]
+    x1 = noise - 0.4 * a * noise  # step 0 is an Euler step, step 1 re-noises
+    x2 = 0.8 * (x1 - 0.6 * a * x1) + 0.2 * fresh[1]
+    got = methods.student_sample(vel, noise, sigmas, stop=2, renoise=lambda i: fresh[i], euler_steps=1)
+    assert torch.allclose(got, x2 - 0.2 * a * x2, atol=1e-6)
+    path = train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", sampler="flow_stochastic",
+                                 euler_steps=1))
+    assert json.loads(validate_safetensors(path)["lightbooth_preset"])["euler_steps"] == 1
+    gen = Generator.load(qwen_dir, loras=[path], device="cpu")
+    assert json.loads(gen("a red circle", seed=0)[0].info["lightbooth"])["euler_steps"] == 1
+
+
 def test_a_cosine_schedule_ends_at_a_tenth_of_both_learning_rates(qwen_dir, tmp_path):
     train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", fake_updates=2, lr=2e-3, fake_lr=1e-3,
                           lr_schedule="cosine", steps=3))
@@ -345,6 +360,9 @@ def test_distill_refuses_bad_settings(qwen_dir, sd_dir, tmp_path):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), sampler="ddim"))
     with pytest.raises(LightboothError, match="--sampler flow_stochastic applies to --method dmd only"):
         train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="trajectory", sampler="flow_stochastic"))
+    for bad in (dict(euler_steps=2), dict(euler_steps=-1, sampler="flow_stochastic")):
+        with pytest.raises(LightboothError, match="--euler-steps .*only with --sampler flow_stochastic"):
+            train_distill(run_cfg(tmp_path, model=str(qwen_dir), method="dmd", **bad))
     for bad in (0.0, -1.0):  # NaN: the type checks of every config (below)
         with pytest.raises(LightboothError, match="--dmd-level-shift must be positive"):
             train_distill(run_cfg(tmp_path, model=str(qwen_dir), dmd_level_shift=bad))

@@ -187,6 +187,8 @@ def distill(
     shift: Optional[float] = typer.Option(None, help="The student's fixed flow shift (default 3)."),
     sampler: Optional[str] = typer.Option(None, help="The student's sampler: flow_euler (default) or "
                                           "flow_stochastic (dmd: fresh noise at every step, as DMD2)."),
+    euler_steps: Optional[int] = typer.Option(None, "--euler-steps", help="flow_stochastic: this many first steps "
+                                              "are Euler steps, then fresh noise (default 0)."),
     teacher_preset: Optional[str] = typer.Option(None, "--teacher-preset", help="Teacher sampling preset."),
     teacher_steps: Optional[int] = typer.Option(None, "--teacher-steps", help="Teacher sampling steps."),
     teacher_guidance: Optional[float] = typer.Option(None, "--teacher-guidance", help="Teacher CFG scale."),

@@ -76,13 +76,15 @@ def student_states(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor
 
 
 def student_sample(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor, stop: int | None = None,
-                   grad_at: int | None = None, renoise: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+                   grad_at: int | None = None, renoise: Callable[[int], torch.Tensor] | None = None,
+                   euler_steps: int = 0) -> torch.Tensor:
     """The student's clean-image estimate after running its schedule from noise.
 
     With `stop = j`, steps 0..j-1 run without gradients and step j returns its x0 estimate (with gradients when
     `grad_at == j`): DMD2's backward simulation, so the student is trained on the inputs it meets at inference.
     The steps before j are the student's own sampler: Euler, or with `renoise` (fresh noise after step i) the
-    re-noising "flow_stochastic" one. `stop=None` runs every step (the last one's x0 estimate is the sample).
+    re-noising "flow_stochastic" one (its first `euler_steps` steps Euler steps). `stop=None` runs every step (the
+    last one's x0 estimate is the sample).
     """
     stop = len(sigmas) - 2 if stop is None else stop
     with torch.no_grad():
@@ -90,7 +92,7 @@ def student_sample(velocity: Velocity, noise: torch.Tensor, sigmas: torch.Tensor
             return velocity(x, _per_sample(sigmas[i], x))
         head = sigmas[:stop + 1]  # ends at the level of step `stop`, which the loop below reaches but does not take
         x = (samplers.flow_euler(step, noise, head) if renoise is None
-             else samplers.flow_stochastic(step, noise, head, renoise))
+             else samplers.flow_stochastic(step, noise, head, renoise, euler_steps=euler_steps))
     s = _per_sample(sigmas[stop], x)
     with torch.set_grad_enabled(grad_at == stop and torch.is_grad_enabled()):
         return x0_estimate(x, velocity(x, s).float(), s)

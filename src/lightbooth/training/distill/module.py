@@ -172,7 +172,8 @@ class DistillModule(L.LightningModule):
         j = int(np.random.default_rng([self.cfg.seed, 5, g]).integers(0, k))  # which step to train (backward sim.)
         with adapter(self.denoiser, STUDENT), torch.set_grad_enabled(gen_turn):
             x0 = methods.student_sample(self.velocity(cond), self.start(g, n), self.student_sigmas.to(self.device),
-                                        stop=j, grad_at=j, renoise=self.renoise(g, n))
+                                        stop=j, grad_at=j, renoise=self.renoise(g, n),
+                                        euler_steps=self.cfg.euler_steps)
         loss = x0.new_zeros(())
         if gen_turn:
             t = self.levels(g, n, 1)

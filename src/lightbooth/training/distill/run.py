@@ -40,6 +40,7 @@ class DistillConfig:
     # timesteps 999/750/500/250)
     sampler: str = "flow_euler"  # the student's sampler, written into its preset: flow_euler, or flow_stochastic
     # (DMD only: x0 estimate, then fresh noise at every step, as DMD2 samples); DMD's backward simulation follows it
+    euler_steps: int = 0  # flow_stochastic: this many first steps are Euler steps before re-noising starts
     states: str = "teacher"  # trajectory: regress from the teacher's own ODE states, or from the states the
     # student itself reaches at inference ("student": backward distillation, Kohler et al. 2024, Imagine Flash)
     teacher_preset: str | None = None  # the teacher's sampling preset; None: "base" (the plain model, not a fast preset)
@@ -102,6 +103,9 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.sampler == "flow_stochastic" and cfg.method != "dmd":
         raise LightboothError("--sampler flow_stochastic applies to --method dmd only (trajectory regresses Euler "
                               "steps onto the teacher's ODE); drop it or pass --method dmd")
+    if cfg.euler_steps < 0 or (cfg.euler_steps and cfg.sampler != "flow_stochastic"):
+        raise LightboothError(f"--euler-steps {cfg.euler_steps}: give 0 or more, and only with --sampler "
+                              "flow_stochastic (flow_euler takes Euler steps throughout)")
     if cfg.dmd_level_shift is not None and cfg.method != "dmd":
         raise LightboothError("--dmd-level-shift applies to --method dmd only; drop it or pass --method dmd")
     if cfg.teacher_guidance is not None and not cfg.teacher_guidance >= 1:  # NaN too
@@ -130,7 +134,8 @@ def check_config(cfg: DistillConfig) -> None:
 def student_preset(cfg: DistillConfig):
     from ...families.base import Preset
 
-    return Preset(steps=cfg.student_steps, guidance=1.0, sampler=cfg.sampler, shift=cfg.shift)
+    return Preset(steps=cfg.student_steps, guidance=1.0, sampler=cfg.sampler, shift=cfg.shift,
+                  euler_steps=cfg.euler_steps)
 
 
 def train_distill(cfg: DistillConfig, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -243,7 +248,8 @@ def export(cfg: DistillConfig, family, model_path: Path, teacher, run: Path) -> 
     meta = {
         # the schedule only: a distilled LoRA is its own weights, never a preset that fuses another file
         "lightbooth_preset": json.dumps({k: v for k, v in dataclasses.asdict(student_preset(cfg)).items()
-                                         if k not in ("lora", "cfg_rescale")}),  # guidance 1: no CFG to rescale
+                                         if k not in ("lora", "cfg_rescale")  # guidance 1: no CFG to rescale
+                                         and (k != "euler_steps" or v)}),
         "lightbooth_distill": json.dumps({
             "method": cfg.method, "states": cfg.states,
             # the built-in model by name: its folder is wherever this package happens to be installed
