@@ -78,6 +78,18 @@ def test_the_builtin_default_is_a_shipped_4_step_lora_that_stock_diffusers_runs_
     assert np.abs(ours - plain).max() > 10  # the LoRA did change the drawing
 
 
+def test_the_8_step_preset_re_noises_after_its_first_four_euler_steps():
+    from lightbooth import Generator
+
+    gen = Generator.load(device="cpu", preset="8step")
+    p = gen.settings().preset
+    assert (p.steps, p.sampler, p.euler_steps) == (8, "flow_stochastic", 4)  # what BENCHMARKS.md measured
+    shipped = np.asarray(gen("a star", seed=5)[0]).astype(int)
+    said = np.asarray(gen("a star", seed=5, sampler="flow_stochastic", euler_steps=4)[0]).astype(int)
+    euler = np.asarray(gen("a star", seed=5, sampler="flow_euler")[0]).astype(int)
+    assert np.array_equal(shipped, said) and np.abs(shipped - euler).max() > 10
+
+
 def test_a_dreambooth_lora_stacks_on_the_default_4_step_preset(tmp_path):
     """Personalize, then go fast, on the built-in model: a LoRA without a schedule keeps the 4-step preset, and the
     fused weights are the base plus both LoRAs' deltas."""
