@@ -210,12 +210,15 @@ class Generator:
         return Settings(name, p, w, h, negative_prompt or "")
 
     def params(self, job: Job, s: Settings) -> dict:
-        """What goes into the PNG: enough to make the same image again."""
+        """What goes into the PNG: enough to make the same image again (euler_steps only where it acts, so that a
+        `--prompts-file` run written before it existed still resumes, its images matching)."""
+        acts = s.preset.euler_steps and s.preset.sampler == "flow_stochastic"
+        more = {"euler_steps": s.preset.euler_steps} if acts else {}
         return dict(prompt=job.prompt, negative_prompt=s.negative_prompt, seed=job.seed, steps=s.preset.steps,
                     guidance=s.preset.guidance, width=s.width, height=s.height, model=self.model_name,
                     loras=self.loras, preset=s.preset_name, sampler=s.preset.sampler,
                     family=self.family.name, dtype=str(self.family.dtype).removeprefix("torch."), fp8=self.fp8,
-                    cfg_rescale=s.preset.cfg_rescale, euler_steps=s.preset.euler_steps)
+                    cfg_rescale=s.preset.cfg_rescale, **more)
 
     # --- generation ----------------------------------------------------------------------------------------
     def remember(self, conds: dict[str, Cond]) -> None:
