@@ -40,17 +40,14 @@ def loose_variety(gen, settings: dict, prompt: str = "a circle", seeds: int = 64
     """Distinct main colours, centroid cells and (colour, cell) pairs (of 72) over `seeds` seeds of `prompt`, every
     image counted; the pairs see a collapse onto a few combinations that the two counts alone miss. Then the images
     of the rarest colour and of the rarest cell (0 when one is missing): is a missing one rare, or never drawn?"""
+    from lightbooth.data.shapes import CELLS, COLORS
     from lightbooth.generate import Job
 
     s = gen.settings(**{k: v for k, v in settings.items() if k in KEYS})
     images = gen.run([Job(prompt, i) for i in range(seeds)], s)
-    from lightbooth.data.shapes import COLORS
-
     # main_colour also knows the subject's teal, which is not one of the 8 object colours
     read = [(main_colour(im), centroid_cell(im)) for im in images]
     read = [(c if c in COLORS else None, k) for c, k in read]
-    from lightbooth.data.shapes import CELLS
-
     return (len({c for c, _ in read} - {None}), len({k for _, k in read} - {None}),
             len({r for r in read if None not in r}), min(sum(c == x for x, _ in read) for c in COLORS),
             min(sum(k == x for _, x in read) for k in CELLS))

@@ -2,11 +2,11 @@
 
     python bench/models_latency.py --model shipped= --model z16=candidates/z16 [--preset base] [--repeats 7]
 
-`NAME=` (empty path) is the built-in model; `NAME=DIR,PRESET[:SAMPLER]` gives that row its own preset (and sampler),
-e.g. `--model s4=,4step --model e4=,4step:flow_euler --model base=,base`. Each round times one call of every model, in turn, at batch 1 and at
-batch 8 (cold prompt cache, as bench/builtin_model.py does), so drift of the machine reaches every model alike; the
-median over rounds is printed. For comparing a candidate built-in model with the shipped one, which
-bench/builtin_model.py times only one at a time.
+`NAME=` (empty path) is the built-in model; `NAME=DIR,PRESET[:SAMPLER]` gives that row its own preset (and
+sampler), e.g. `--model s4=,4step --model e4=,4step:flow_euler --model base=,base`. Each round times one call of
+every model, in turn, at batch 1 and at batch 8 (cold prompt cache, as bench/builtin_model.py does), so drift of
+the machine reaches every model alike; the median over rounds is printed. For comparing a candidate built-in model
+with the shipped one, which bench/builtin_model.py times only one at a time.
 """
 
 from __future__ import annotations
