@@ -72,6 +72,10 @@ def test_flow_stochastic_takes_its_first_euler_steps_as_euler_and_only_then_draw
     assert torch.allclose(samplers.flow_stochastic(model, x, sigmas, noise, euler_steps=8), euler[-1])
     assert torch.equal(samplers.flow_stochastic(model, x, sigmas, noise, euler_steps=0),
                        samplers.flow_stochastic(model, x, sigmas, noise))
+    # without a source of fresh noise: a message naming the fix, not a TypeError; all-Euler needs none
+    with pytest.raises(ValueError, match="needs fresh noise"):
+        samplers.flow_stochastic(model, x, sigmas, None, euler_steps=3)
+    assert torch.allclose(samplers.flow_stochastic(model, x, sigmas, None, euler_steps=8), euler[-1])
 
 
 @pytest.mark.parametrize("spacing,offset", [("leading", 1), ("trailing", 0), ("linspace", 0)])

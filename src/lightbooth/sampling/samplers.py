@@ -25,7 +25,7 @@ def flow_euler(model, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback 
     return x
 
 
-def flow_stochastic(model, x: torch.Tensor, sigmas: torch.Tensor, noise: Callable[[int], torch.Tensor],
+def flow_stochastic(model, x: torch.Tensor, sigmas: torch.Tensor, noise: Callable[[int], torch.Tensor] | None,
                     callback: Callback = None, euler_steps: int = 0) -> torch.Tensor:
     """Multi-step sampling by re-noising (consistency models, Song et al. 2023, alg. 1; DMD2's few-step generator,
     Yin et al. 2024b, sec. 4.5): at each level the clean estimate x0 = x - sigma v, then fresh unit noise `noise(i)`
@@ -43,6 +43,9 @@ def flow_stochastic(model, x: torch.Tensor, sigmas: torch.Tensor, noise: Callabl
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         else:
             x0 = x - sigmas[i] * v
+            if sigmas[i + 1] != 0 and noise is None:
+                raise ValueError("flow_stochastic needs fresh noise after each step: pass noise(i) (the families' "
+                                 "`renoise`), or sample with flow_euler")
             x = x0 if sigmas[i + 1] == 0 else (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise(i).float()
         if callback:
             callback(i, x)
