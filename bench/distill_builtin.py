@@ -36,6 +36,21 @@ UNDERSPECIFIED = ("a circle", "a star", "一个圆形", "一个五角星")
 KEYS = ("preset", "steps", "sampler", "euler_steps")  # a row's settings that reach the sampler
 
 
+def lora_row(spec: str) -> tuple[str, list[str], dict]:
+    """`NAME=PATH[@SAMPLER]` -> (name, LoRA paths, settings): a trained LoRA, on its own schedule or SAMPLER."""
+    name, _, path = spec.partition("=")
+    path, _, sampler = path.partition("@")
+    return name, [path], {"sampler": sampler} if sampler else {}
+
+
+def preset_row(spec: str) -> tuple[str, list[str], dict]:
+    """`NAME[:SAMPLER[:EULER_STEPS]]` -> (spec, no LoRA, settings): one of the model's presets."""
+    preset, _, sampler = spec.partition(":")
+    sampler, _, k = sampler.partition(":")
+    return spec, [], dict(preset=preset, **({"sampler": sampler} if sampler else {}),
+                          **({"euler_steps": int(k)} if k else {}))
+
+
 def loose_variety(gen, settings: dict, prompt: str = "a circle", seeds: int = 64) -> tuple[int, int, int, int, int]:
     """Distinct main colours, centroid cells and (colour, cell) pairs (of 72) over `seeds` seeds of `prompt`, every
     image counted; the pairs see a collapse onto a few combinations that the two counts alone miss. Then the images
@@ -102,15 +117,8 @@ def main() -> int:
                              overwrite=True)
         rows.append((f"{method}, {args.student_steps} steps ({args.steps} training steps, {time.time() - t:.0f} s)",
                      [str(path)], {}))
-    for spec in args.lora:
-        name, _, path = spec.partition("=")
-        path, _, sampler = path.partition("@")
-        rows.append((name, [path], {"sampler": sampler} if sampler else {}))
-    for spec in args.preset:
-        preset, _, sampler = spec.partition(":")
-        sampler, _, k = sampler.partition(":")
-        rows.append((f"preset {spec}", [], dict(preset=preset, **({"sampler": sampler} if sampler else {}),
-                                                 **({"euler_steps": int(k)} if k else {}))))
+    rows += [lora_row(spec) for spec in args.lora]
+    rows += [(f"preset {spec}", *preset_row(spec)[1:]) for spec in args.preset]
     teacher = None
     for name, loras, settings in rows:
         gen = Generator.load(args.model, loras=loras, device="cpu", preset=settings.get("preset"))

@@ -2,8 +2,9 @@
 
     python bench/models_latency.py --model shipped= --model z16=candidates/z16 [--preset base] [--repeats 7]
 
-`NAME=` (empty path) is the built-in model; `NAME=DIR,PRESET[:SAMPLER]` gives that row its own preset (and
-sampler), e.g. `--model s4=,4step --model e4=,4step:flow_euler --model base=,base`. Each round times one call of
+`NAME=` (empty path) is the built-in model; `NAME=DIR,PRESET[:SAMPLER[:EULER_STEPS]]` gives that row its own
+preset (and sampler, and for flow_stochastic its first Euler steps), e.g. `--model s4=,4step --model
+e4=,4step:flow_euler --model k0=,4step:flow_stochastic:0 --model base=,base`. Each round times one call of
 every model, in turn, at batch 1 and at batch 8 (cold prompt cache, as bench/builtin_model.py does), so drift of
 the machine reaches every model alike; the median over rounds is printed. For comparing a candidate built-in model
 with the shipped one, which bench/builtin_model.py times only one at a time.
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from builtin_model import PROMPT  # noqa: E402
+from distill_builtin import preset_row  # noqa: E402
 
 
 def main() -> None:
@@ -34,19 +36,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gens, samplers = {}, {}
+    gens, kwargs = {}, {}
     for spec in args.model:
         name, _, rest = spec.partition("=")
         path, _, row = rest.partition(",")
-        preset, _, samplers[name] = (row or args.preset).partition(":")
-        gens[name] = Generator.load(path or None, device="cpu", preset=preset)
+        kwargs[name] = preset_row(row or args.preset)[2]
+        gens[name] = Generator.load(path or None, device="cpu", preset=kwargs[name].pop("preset"))
     times = {(name, b): [] for name in gens for b in (1, 8)}
     for r in range(args.repeats + 1):  # round 0 warms up
         for b in (1, 8):
             for name, gen in gens.items():
                 gen._cache.clear()
                 t = time.perf_counter()
-                gen([PROMPT], seed=0, num_images=b, sampler=samplers[name] or None)
+                gen([PROMPT], seed=0, num_images=b, **kwargs[name])
                 if r:
                     times[name, b].append(time.perf_counter() - t)
     print(f"{args.threads} threads, torch {torch.__version__}, preset {args.preset}, median of {args.repeats} rounds")
