@@ -5,11 +5,11 @@
 
 Issue 5 reads variety over 64 seeds: distinct colours and cells of under-specified prompts, against the teacher's.
 One draw of 64 seeds says little about a colour that a model draws one time in 40: whether it shows up is a coin
-toss (the teacher itself misses such a colour in about a fifth of such draws). This bench draws `--seeds` seeds (a
-multiple of 64, from `--first-seed`) of every prompt in distill_builtin's UNDERSPECIFIED and prints, per row and
-prompt, the number of distinct colours and cells that 64 of those images hold, averaged over every way of picking
-64 (also: the fewest in any of the disjoint blocks of 64, and in block 0, which from seed 0 is `lightbooth eval`'s
-own draw), on two readings:
+toss (the teacher itself misses its rarest star colour in about a quarter of such draws). This bench draws
+`--seeds` seeds (a multiple of 64, from `--first-seed`) of every prompt in distill_builtin's UNDERSPECIFIED and
+prints, per row and prompt, the number of distinct colours and cells that 64 of those images hold, averaged over
+every way of picking 64 (also: the fewest in any of the disjoint blocks of 64, and in block 0, which from seed 0 is
+`lightbooth eval`'s own draw), on two readings:
 - strict: `lightbooth eval`'s (only images the detector reads as one clean object count);
 - lenient: distill_builtin's (main colour and foreground centroid cell of every image).
 Then each row's expectations as a share of the first row's (the teacher, when it comes first), with a 90%
