@@ -12,8 +12,10 @@ every way of picking 64 (also: the fewest in any of the disjoint blocks of 64, a
 `lightbooth eval`'s own draw), on two readings:
 - strict: `lightbooth eval`'s (only images the detector reads as one clean object count);
 - lenient: distill_builtin's (main colour and foreground centroid cell of every image).
-Then each row's expectations as a share of the first row's (the teacher, when it comes first), with a 90%
-bootstrap interval (both rows' images resampled), since even 2,048 seeds leave a few points of doubt.
+Also the share of blank images (no foreground at all) per prompt and, with `--captions N`, on N of the recipe's
+own single-object captions per language. Then each row's expectations as a share of the first row's (the teacher,
+when it comes first), with a 90% bootstrap interval (both rows' images resampled), since even 2,048 seeds leave a
+few points of doubt.
 """
 
 from __future__ import annotations
@@ -79,6 +81,19 @@ def share_interval(rows: list[tuple], ref: list[tuple], j: int, draws: int = 300
     return tuple(np.nanpercentile(out, [5, 95]))
 
 
+def recipe_captions(n: int, seed: int = 7) -> dict[str, list[str]]:
+    """n single-object scenes captioned as training captions them (attributes left out at random), per language."""
+    from lightbooth.data import shapes
+
+    rng = np.random.default_rng(seed)
+    out = {"en": [], "zh": []}
+    for _ in range(n):
+        scene = shapes.sample_scene(rng, "single")
+        for lang, caps in out.items():
+            caps.append(shapes.caption(scene, lang, rng))
+    return out
+
+
 def main() -> int:
     from lightbooth import Generator
     from lightbooth.eval.quality import _generate
@@ -89,6 +104,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a qwen-image model folder (default: the built-in model)")
     ap.add_argument("--preset", action="append", default=[], metavar="NAME[:SAMPLER[:EULER_STEPS]]")
     ap.add_argument("--lora", action="append", default=[], metavar="NAME=PATH[@SAMPLER]")
+    ap.add_argument("--captions", type=int, default=0, help="also: the share of blank images (no foreground) on "
+                    "this many of the recipe's own single-object captions per language (attributes left out at random)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.seeds <= 0 or args.seeds % BLOCK or args.first_seed < 0:
@@ -99,6 +116,7 @@ def main() -> int:
         ap.error("name at least one row: --preset base --preset 4step, say")
     names = ("strict colours", "strict cells", "lenient colours", "lenient cells")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    captions, seeds_c = recipe_captions(args.captions), list(range(args.captions))
     first = None
     for name, loras, settings in rows:
         gen = Generator.load(args.model, loras=loras, device="cpu", preset=settings.get("preset"))
@@ -111,7 +129,12 @@ def main() -> int:
             counts = block_counts(read)
             cols = ", ".join(f"{n} {expected_distinct([r[j] for r in read]):.2f} (min {lo}, block 0 {b0})"
                              for j, (n, lo, b0) in enumerate(zip(names, counts.min(axis=0), counts[0])))
-            print(f"  {prompt!r}: {cols}", flush=True)
+            blank = np.mean([r[3] is None for r in read])  # no foreground: fewer than 15 pixels off the corners
+            print(f"  {prompt!r}: {cols}; blank {blank:.1%}", flush=True)
+        if args.captions:
+            shares = [f"{lang} {np.mean([r[3] is None for r in reads(_generate(gen, c, seeds_c, 32, s))]):.1%}"
+                      for lang, c in captions.items()]
+            print(f"  blank on {args.captions} captions of the recipe per language: {', '.join(shares)}", flush=True)
         if first is None:
             first = got
             continue
