@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from lightbooth import builtin_model_path
@@ -78,16 +79,18 @@ def test_the_builtin_default_is_a_shipped_4_step_lora_that_stock_diffusers_runs_
     assert np.abs(ours - plain).max() > 10  # the LoRA did change the drawing
 
 
-def test_the_8_step_preset_re_noises_after_its_first_four_euler_steps():
+@pytest.mark.parametrize("name,steps,k", [("4step", 4, 1), ("8step", 8, 4)])
+def test_the_few_step_presets_re_noise_after_their_first_euler_steps(name, steps, k):
     from lightbooth import Generator
 
-    gen = Generator.load(device="cpu", preset="8step")
+    gen = Generator.load(device="cpu", preset=name)
     p = gen.settings().preset
-    assert (p.steps, p.sampler, p.euler_steps) == (8, "flow_stochastic", 4)  # what BENCHMARKS.md measured
-    shipped = np.asarray(gen("a star", seed=5)[0]).astype(int)
-    said = np.asarray(gen("a star", seed=5, sampler="flow_stochastic", euler_steps=4)[0]).astype(int)
-    euler = np.asarray(gen("a star", seed=5, sampler="flow_euler")[0]).astype(int)
-    assert np.array_equal(shipped, said) and np.abs(shipped - euler).max() > 10
+    assert (p.steps, p.sampler, p.euler_steps) == (steps, "flow_stochastic", k)  # what BENCHMARKS.md measured
+    shipped = np.asarray(gen("a star", seed=8)[0]).astype(int)
+    said = np.asarray(gen("a star", seed=8, sampler="flow_stochastic", euler_steps=k)[0]).astype(int)
+    euler = np.asarray(gen("a star", seed=8, sampler="flow_euler")[0]).astype(int)
+    fresh = np.asarray(gen("a star", seed=8, sampler="flow_stochastic", euler_steps=0)[0]).astype(int)
+    assert np.array_equal(shipped, said) and np.abs(shipped - euler).max() > 10 and np.abs(shipped - fresh).max() > 10
 
 
 def test_a_dreambooth_lora_stacks_on_the_default_4_step_preset(tmp_path):
