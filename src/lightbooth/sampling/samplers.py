@@ -36,6 +36,9 @@ def flow_stochastic(model, x: torch.Tensor, sigmas: torch.Tensor, noise: Callabl
     The first `euler_steps` steps are Euler steps: the starting noise then keeps its say over what the first, high
     noise steps decide (layout, colour), which fresh noise would otherwise blur towards the student's favourites.
     """
+    if noise is None and any(sigmas[i + 1] != 0 for i in range(euler_steps, len(sigmas) - 1)):
+        raise ValueError("flow_stochastic needs fresh noise after each step: pass noise(i) (the families' `renoise`), "
+                         "or sample with flow_euler")
     x = x.float()
     for i in range(len(sigmas) - 1):
         v = model(x, i).float()
@@ -43,9 +46,6 @@ def flow_stochastic(model, x: torch.Tensor, sigmas: torch.Tensor, noise: Callabl
             x = x + (sigmas[i + 1] - sigmas[i]) * v
         else:
             x0 = x - sigmas[i] * v
-            if sigmas[i + 1] != 0 and noise is None:
-                raise ValueError("flow_stochastic needs fresh noise after each step: pass noise(i) (the families' "
-                                 "`renoise`), or sample with flow_euler")
             x = x0 if sigmas[i + 1] == 0 else (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * noise(i).float()
         if callback:
             callback(i, x)
