@@ -93,6 +93,20 @@ def test_the_few_step_presets_re_noise_after_their_first_euler_steps(name, steps
     assert np.array_equal(shipped, said) and np.abs(shipped - euler).max() > 10 and np.abs(shipped - fresh).max() > 10
 
 
+@pytest.mark.parametrize("name", ["4step", "8step"])
+def test_a_shipped_lora_passed_by_path_samples_as_its_preset_does(name):
+    """`--lora lightning/NAME.safetensors` (on this or a copied model) reads the file's own schedule: the preset's."""
+    from dataclasses import replace
+
+    from lightbooth import Generator
+
+    by_preset = Generator.load(device="cpu", preset=name)
+    file = builtin_model_path() / by_preset.settings().preset.lora
+    by_path = Generator.load(device="cpu", loras=[str(file)])  # the file's schedule only, no preset fused
+    assert by_path.preset is None and by_path.settings().preset == replace(by_preset.settings().preset, lora=None)
+    assert np.array_equal(np.asarray(by_path("a star", seed=8)[0]), np.asarray(by_preset("a star", seed=8)[0]))
+
+
 def test_a_dreambooth_lora_stacks_on_the_default_4_step_preset(tmp_path):
     """Personalize, then go fast, on the built-in model: a LoRA without a schedule keeps the 4-step preset, and the
     fused weights are the base plus both LoRAs' deltas."""
@@ -130,3 +144,27 @@ def test_a_lora_distilled_from_the_builtin_model_names_it_not_its_install_folder
     path = train_distill(DistillConfig(out=str(tmp_path / "run"), method="trajectory", steps=1, batch_size=1, rank=2,
                                        teacher_steps=2, student_steps=1, logger="none"))
     assert json.loads(validate_safetensors(path)["lightbooth_distill"])["teacher"] == "built-in"
+
+
+def test_shipping_with_another_sampler_rewrites_the_lora_files_schedule_too(tmp_path):
+    """tools/ship_builtin.py --sampler: lightbooth.json and the LoRA file's own metadata say the same thing."""
+    import importlib.util
+    from pathlib import Path
+
+    from lightbooth.safeload import validate_safetensors
+
+    tool = Path(__file__).parents[1] / "tools" / "ship_builtin.py"
+    spec = importlib.util.spec_from_file_location("ship_builtin", tool)
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    dest = tmp_path / "model"
+    assert ship.main(["--model", str(builtin_model_path()), "--dest", str(dest), "--sampler", "4step=flow_euler",
+                      "--sampler", "8step=flow_stochastic:2", "--default", "4step"]) == 0
+    presets = json.loads((dest / "lightbooth.json").read_text())["presets"]
+    asked = {"4step": {"sampler": "flow_euler"}, "8step": {"sampler": "flow_stochastic", "euler_steps": 2}}
+    for name, want in asked.items():
+        schedule = json.loads(validate_safetensors(dest / presets[name]["lora"])["lightbooth_preset"])
+        assert schedule == {k: v for k, v in presets[name].items() if k != "lora"} and schedule.items() >= want.items()
+        assert name != "4step" or "euler_steps" not in schedule
+    shipped = validate_safetensors(builtin_model_path() / "lightning/4step.safetensors")["lightbooth_preset"]
+    assert json.loads(shipped)["sampler"] == "flow_stochastic"  # the package's own files are untouched

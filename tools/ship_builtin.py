@@ -7,7 +7,9 @@ The last step of the built-in model's recipe (`lightbooth train-base`, then `lig
 Each LoRA is copied into the model folder under lightning/ and becomes a preset of lightbooth.json with the
 schedule its metadata carries (steps, guidance, sampler, shift) plus `"lora"`, so `lightbooth generate` fuses it
 when that preset is in use; `--sampler NAME=SAMPLER[:EULER_STEPS]` overrides a preset's sampler (and, for
-flow_stochastic, how many first steps stay Euler steps); "base" stays the teacher. The
+flow_stochastic, how many first steps stay Euler steps), and the LoRA file's own schedule is rewritten to match, so
+that `lightbooth generate --lora lightning/NAME.safetensors` (or on a copy of the model) samples as the preset does;
+"base" stays the teacher. The
 package folder is replaced only once the new one is complete, and the whole folder must stay within the issue's
 25 MB.
 """
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from lightbooth.atomic import write_text_atomic
     from lightbooth.models import builtin_model_path
-    from lightbooth.safeload import validate_safetensors
+    from lightbooth.safeload import load_safetensors, save_safetensors_atomic, validate_safetensors
     from lightbooth.training.distill.run import SAMPLERS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +70,13 @@ def main(argv=None) -> int:
         preset.pop("euler_steps", None)
         if k and int(k):
             preset["euler_steps"] = int(k)
+    for preset in settings["presets"].values():  # each shipped LoRA carries its preset's schedule, nothing else
+        if preset.get("lora"):
+            file = tmp / preset["lora"]
+            tensors, meta = load_safetensors(file)
+            schedule = json.dumps({k: v for k, v in preset.items() if k != "lora"})
+            if json.loads(meta.get("lightbooth_preset", "{}")) != json.loads(schedule):
+                save_safetensors_atomic(tensors, file, {**meta, "lightbooth_preset": schedule})
     if args.default not in settings["presets"]:
         print(f"error: default preset {args.default!r} is not one of {', '.join(settings['presets'])}", file=sys.stderr)
         return 2
