@@ -49,8 +49,9 @@ def roundtrip_passes(vae, scenes) -> list[bool]:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, argv=None):
+    """The options this bench and bench/count_cells.py share; None (after a one-line error) when they are bad."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a qwen-image model folder (default: the built-in model)")
     ap.add_argument("--lora", action="append", default=[])
     ap.add_argument("--preset", default="base")
@@ -59,13 +60,25 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.n < 1 or args.threads < 1:
         print("error: --n and --threads must be at least 1", file=sys.stderr)
-        return 2
+        return None
     torch.set_num_threads(args.threads)
+    return args
+
+
+def load_generator(args):
     from lightbooth import Generator
+
+    return Generator.load(args.model, loras=tuple(args.lora), device="cpu", preset=args.preset)
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv)
+    if args is None:
+        return 2
     from lightbooth.data import shapes
     from lightbooth.eval import detector, quality
 
-    gen = Generator.load(args.model, loras=tuple(args.lora), device="cpu", preset=args.preset)
+    gen = load_generator(args)
     scenes = quality.prompt_set("single", args.n)
     keys = [(s.objects[0].shape, s.objects[0].size) for s in scenes]
     vae = gen.family.components["vae"]

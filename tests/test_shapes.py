@@ -339,6 +339,17 @@ def test_full_caption_states_everything():
                     assert {(c, s) for _, c, s, cell in claims["objects"] if cell} == everyone
 
 
+def test_full_caption_leaves_out_only_what_it_is_told():
+    rng = np.random.default_rng(5)
+    for kind in S.KINDS:
+        scene = S.sample_scene(rng, kind)
+        for lang in ("en", "zh"):
+            for t in range(S.N_TEMPLATES):
+                claims = read_caption(S.full_caption(scene, lang, t, ("cell",)), lang)
+                assert claims["background"] == scene.background and not claims.get("cells")
+                assert not any(cell for *_, cell in claims["objects"])
+                assert {(c, s) for z, c, s, _ in claims["objects"] if z} == {(o.color, o.shape) for o in scene.objects}
+
 def test_chinese_captions_use_world_names():
     rng = np.random.default_rng(9)
     for _ in range(60):

@@ -380,9 +380,10 @@ def caption(scene: Scene, lang: str, rng: np.random.Generator) -> str:
     return caption_and_stated(scene, lang, rng)[0]
 
 
-def full_caption(scene: Scene, lang: str, template: int = 0) -> str:
-    """The caption of `template` stating every attribute; it is also a possible output of `caption`."""
-    return _compose(scene, lang, template, frozenset({"size", "background", "cell", "color"}))
+def full_caption(scene: Scene, lang: str, template: int = 0, leave_out: Sequence[str] = ()) -> str:
+    """The caption of `template` stating every attribute (but the optional ones in `leave_out`: size, background,
+    cell, color); it is also a possible output of `caption`."""
+    return _compose(scene, lang, template, frozenset({"size", "background", "cell", "color"}) - set(leave_out))
 
 
 def _compose(scene: Scene, lang: str, template: int, opt: frozenset[str]) -> str:
