@@ -19,7 +19,8 @@ between the scenes of one kind only). `--kinds`, `--shapes` and `--sizes` keep o
 of those kinds whose every object has one of those shapes and sizes (the others are never drawn). `--layers N`
 grows the transformer to N blocks: the new ones are appended with their modulation layers zeroed (adaLN-zero: each
 starts as the identity, so the grown model starts as the given one). `--ema-decay` sets the exported EMA's decay
-(the recipe's 0.999 keeps a fifth of the starting weights after 1,500 steps).
+(the recipe's 0.999 keeps a fifth of the starting weights after 1,500 steps). `--train text_encoder` (or
+`transformer`) freezes the other part: the flow loss then only moves what the captions become.
 With `--max-sigma` below 1 the noise levels are `max_sigma` times a logit-normal draw (shift 1), so
 every step trains on noise levels below it; 1 keeps the recipe's shifted draw. OUT/model is a model folder like
 the shipped one.
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="", help="comma-separated sizes kept (every object one of them)")
     ap.add_argument("--layers", type=int, default=0, help="grow the transformer to this many blocks (--model only)")
     ap.add_argument("--ema-decay", type=float, default=0.0, help="the EMA's decay (default: the recipe's)")
+    ap.add_argument("--train", choices=("all", "text_encoder", "transformer"), default="all",
+                    help="which part learns (default: both, as the recipe); the other stays frozen")
     ap.add_argument("--full-captions", type=float, default=0.0,
                     help="share of captions stating every attribute, as eval's prompts do (default 0: the recipe's)")
     args = ap.parse_args(argv)
@@ -106,6 +109,8 @@ def main(argv=None) -> int:
         ckpt = newest_valid_checkpoint(args.run / "flow")
         module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"])
         module.net.load_state_dict(module.ema.module.state_dict())
+    if args.train != "all":
+        module.net["transformer" if args.train == "text_encoder" else "text_encoder"].requires_grad_(False)
     # the seed the latents were drawn with
     module.captions = B.LatentCaptions(latents, cfg.seed, cfg.caption_dropout, 0, args.full_captions)
     try:
