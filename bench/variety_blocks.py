@@ -21,9 +21,7 @@ few points of doubt.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from distill_builtin import KEYS, UNDERSPECIFIED, lora_row, preset_row  # noqa: 
 from dreambooth_subject import main_colour  # noqa: E402
 from loose_adherence import centroid_cell  # noqa: E402
 
-BLOCK = 64
+from lightbooth.eval.quality import VARIETY_DRAW as BLOCK, expected_distinct  # noqa: E402  (one copy, eval's)
 
 
 def reads(images) -> list[tuple]:
@@ -56,17 +54,6 @@ def block_counts(rows: list[tuple]) -> np.ndarray:
     """Distinct values of each of the four readings in every block of 64: shape (blocks, 4)."""
     blocks = [rows[i:i + BLOCK] for i in range(0, len(rows), BLOCK)]
     return np.array([[len({r[j] for r in b} - {None}) for j in range(4)] for b in blocks])
-
-
-def expected_distinct(values: list, n: int = BLOCK) -> float:
-    """The mean number of distinct values (None not counted) over every way of picking n of `values`: for a value
-    seen k times in N, it is missing from a pick with probability C(N - k, n) / C(N, n). The same quantity as the
-    mean over disjoint blocks, with less noise, since every block of n is averaged over."""
-    N = len(values)
-    ks = Counter(v for v in values if v is not None).values()
-    lc = math.lgamma
-    return sum(1.0 - (math.exp(lc(N - k + 1) - lc(N - k - n + 1) - lc(N + 1) + lc(N - n + 1)) if N - k >= n else 0.0)
-               for k in ks)
 
 
 def share_interval(rows: list[tuple], ref: list[tuple], j: int, draws: int = 300, seed: int = 0) -> tuple:

@@ -290,3 +290,11 @@ def test_unusable_out_prompts_file_model_index_and_lora_scale_are_one_line(qwen_
         code, _, err = run(capsys, *base, "--out", str(tmp_path / "o"), "--lora", spec)
         assert needle in _no_traceback(code, err)
     assert not list((tmp_path / "o").glob("*.png")) if (tmp_path / "o").exists() else True
+
+
+def test_eval_prints_the_expected_variety_when_given_more_than_64_seeds(capsys):
+    code, out, _ = run(capsys, "eval", "--n", "1", "--variety-seeds", "65")
+    assert code == 0 and "variety over 64 seeds of 'a circle'" in out
+    assert "expected over every 64 of 65 seeds:" in out
+    code, _, err = run(capsys, "eval", "--variety-seeds", "0")
+    assert code == 2 and "--variety-seeds must be at least 1" in err and "Traceback" not in err

@@ -1,6 +1,9 @@
 """`lightbooth eval`'s scoring on generators with known answers: a perfect one and a blank one."""
 
+import itertools
+
 import numpy as np
+import pytest
 
 from lightbooth.data import shapes
 from lightbooth.eval import quality
@@ -42,6 +45,25 @@ def test_perfect_generator_scores_full_marks():
     assert all(v == 1.0 for v in rep.agreement.values())
     assert rep.variety == {"seeds": 64, "colors": 8, "cells": 9}
     assert any("100.0%" in line for line in rep.lines())
+
+
+def test_more_variety_seeds_add_the_expectation_over_every_64_of_them():
+    rep = quality.evaluate(RenderingGenerator(2), n=2, variety_seeds=128)
+    assert (rep.variety["seeds"], rep.variety["colors"], rep.variety["cells"], rep.variety["of"]) == (64, 8, 9, 128)
+    # each colour is drawn 16 times in 128 seeds: missing from a pick of 64 only with probability C(112,64)/C(128,64)
+    assert rep.variety["expected_colors"] == pytest.approx(8.0, abs=1e-4)
+    assert 8.5 < rep.variety["expected_cells"] <= 9.0
+    assert any("expected over every 64 of 128 seeds: 8.00/8 colours" in line for line in rep.lines())
+    blank = quality.evaluate(RenderingGenerator(2, blank=True), n=2, variety_seeds=65)
+    assert blank.variety["expected_colors"] == blank.variety["expected_cells"] == 0.0
+
+
+def test_expected_distinct_is_the_mean_over_every_pick():
+    values = ["red", "red", "red", "blue", None, "green", "blue", "red"]
+    for n in (1, 3, 5, 8):
+        picks = list(itertools.combinations(values, n))
+        brute = sum(len(set(p) - {None}) for p in picks) / len(picks)
+        assert quality.expected_distinct(values, n) == pytest.approx(brute, rel=1e-9)
 
 
 def test_blank_images_score_zero_and_do_not_count_as_agreeing():

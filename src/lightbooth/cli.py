@@ -251,6 +251,8 @@ def eval_(
     preset: Optional[str] = typer.Option(None, help="Sampling preset."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps."),
     guidance: Optional[float] = typer.Option(None, help="CFG scale."),
+    variety_seeds: int = typer.Option(64, "--variety-seeds", help="Seeds of 'a circle' for variety: the first 64 "
+                                      "are read alone; more add the expected count over every 64 of them."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ..."),
 ):
     """Score prompt adherence on the shapes world: strict accuracy per scene kind and language."""
@@ -259,8 +261,10 @@ def eval_(
 
     if n < 1:
         _fail("--n must be at least 1")
+    if variety_seeds < 1:
+        _fail("--variety-seeds must be at least 1")
     gen = Generator.load(model, loras=tuple(lora), device=device, preset=preset)
-    report = evaluate(gen, n=n, preset=preset, steps=steps, guidance=guidance)
+    report = evaluate(gen, n=n, variety_seeds=variety_seeds, preset=preset, steps=steps, guidance=guidance)
     for line in report.lines():
         typer.echo(line)
 
