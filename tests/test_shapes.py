@@ -349,6 +349,9 @@ def test_full_caption_leaves_out_only_what_it_is_told():
                 assert claims["background"] == scene.background and not claims.get("cells")
                 assert not any(cell for *_, cell in claims["objects"])
                 assert {(c, s) for z, c, s, _ in claims["objects"] if z} == {(o.color, o.shape) for o in scene.objects}
+    with pytest.raises(ValueError, match="can be left out"):
+        S.full_caption(scene, "en", 0, ("shape",))  # a caption always names the shape
+
 
 def test_chinese_captions_use_world_names():
     rng = np.random.default_rng(9)

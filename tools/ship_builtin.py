@@ -73,10 +73,10 @@ def main(argv=None) -> int:
     for preset in settings["presets"].values():  # each shipped LoRA carries its preset's schedule, nothing else
         if preset.get("lora"):
             file = tmp / preset["lora"]
-            tensors, meta = load_safetensors(file)
-            schedule = json.dumps({k: v for k, v in preset.items() if k != "lora"})
-            if json.loads(meta.get("lightbooth_preset", "{}")) != json.loads(schedule):
-                save_safetensors_atomic(tensors, file, {**meta, "lightbooth_preset": schedule})
+            schedule = {k: v for k, v in preset.items() if k != "lora"}
+            if json.loads(validate_safetensors(file).get("lightbooth_preset", "{}")) != schedule:
+                tensors, meta = load_safetensors(file)
+                save_safetensors_atomic(tensors, file, {**meta, "lightbooth_preset": json.dumps(schedule)})
     if args.default not in settings["presets"]:
         print(f"error: default preset {args.default!r} is not one of {', '.join(settings['presets'])}", file=sys.stderr)
         return 2

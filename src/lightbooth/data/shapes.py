@@ -383,7 +383,10 @@ def caption(scene: Scene, lang: str, rng: np.random.Generator) -> str:
 def full_caption(scene: Scene, lang: str, template: int = 0, leave_out: Sequence[str] = ()) -> str:
     """The caption of `template` stating every attribute (but the optional ones in `leave_out`: size, background,
     cell, color); it is also a possible output of `caption`."""
-    return _compose(scene, lang, template, frozenset({"size", "background", "cell", "color"}) - set(leave_out))
+    optional = frozenset({"size", "background", "cell", "color"})
+    if not optional.issuperset(leave_out):
+        raise ValueError(f"only {', '.join(sorted(optional))} can be left out of a caption (got {list(leave_out)})")
+    return _compose(scene, lang, template, optional - set(leave_out))
 
 
 def _compose(scene: Scene, lang: str, template: int, opt: frozenset[str]) -> str:
